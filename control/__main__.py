@@ -1,0 +1,93 @@
+"""Command line: `python -m control run|migrate|create-admin`. The `make run` entry point."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import signal
+import sys
+from functools import partial
+
+import trio
+
+from gateway.logs import configure_logging
+from storage import users
+from storage.migrations import migrate
+
+from .app import open_store, prepare_storage, run_gateway
+from .auth.passwords import hash_password
+from .config import Settings
+
+
+async def _serve(settings: Settings) -> None:
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(partial(run_gateway, settings, shutdown))
+        url = binds[0]
+        print(f"\nZLH gateway listening on {url}", flush=True)
+        print(f"  health:   curl {url}/health", flush=True)
+        print(f"  API docs: {url}/openapi.json", flush=True)
+        print("  first admin user: make admin   (or: .venv/bin/python -m control create-admin)", flush=True)
+        print(f"  register: curl -s -X POST {url}/api/auth/register -H 'content-type: application/json' "
+              "-d '{\"email\":\"me@example.com\",\"password\":\"correct horse battery\"}'\n", flush=True)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                print("shutting down (draining, up to 30 s)…", flush=True)
+                shutdown.set()
+                break
+
+
+async def _create_admin(settings: Settings, email: str, password: str) -> None:
+    store = open_store(settings)
+    try:
+        await prepare_storage(settings, store)
+        password_hash = await hash_password(password, settings.scrypt_n)
+
+        def create() -> str:
+            existing = users.user_by_email(email)
+            if existing is not None:
+                users.set_role(existing.id, "admin")
+                users.set_password(existing.id, password_hash)
+                users.audit("user.promote_admin", None, f"user:{existing.id}")
+                return f"updated {existing.email}: role admin, new password"
+            user = users.create_user(email, password_hash, role="admin")
+            users.audit("user.create_admin", None, f"user:{user.id}")
+            return f"created admin {user.email} (id {user.id})"
+
+        print(await store.run(create))
+    finally:
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="zlh-gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="migrate and serve")
+    run.add_argument("--port", type=int, help="port to listen on (overrides hypercorn.toml bind)")
+    run.add_argument("--host", default=None)
+    sub.add_parser("migrate", help="apply database migrations")
+    admin = sub.add_parser("create-admin", help="create (or promote) an admin user")
+    admin.add_argument("--email")
+    args = parser.parse_args(argv)
+
+    settings = Settings.from_env()
+    configure_logging(settings.log_level)
+    if args.command == "run":
+        if args.port is not None:
+            settings.bind = [f"{args.host or '127.0.0.1'}:{args.port}"]
+        trio.run(_serve, settings)
+    elif args.command == "migrate":
+        store = open_store(settings)
+        applied = migrate(store.db)
+        print(f"applied migrations: {applied or 'none (up to date)'}")
+    elif args.command == "create-admin":
+        email = args.email or input("admin email: ")
+        password = os.environ.get("ZLH_ADMIN_PASSWORD") or getpass.getpass("password (min 8 chars): ")
+        if len(password) < 8:
+            sys.exit("password must be at least 8 characters")
+        trio.run(_create_admin, settings, email, password)
+
+
+if __name__ == "__main__":
+    main()

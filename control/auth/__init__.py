@@ -1,0 +1,1 @@
+"""Authentication: passwords, the JWT kinds, and the auth routes."""
