@@ -64,7 +64,14 @@ def control_routes() -> list[Route]:
               "Set a new password with a reset token; revokes every session", auth=OPEN,
               body=auth.ResetConfirmBody, tags=("auth",)),
         Route("GET", "/api/me", auth.me, "The current user", response=auth.USER_SCHEMA, tags=("auth",)),
+        # Resource families: each module lists its own routes; they are mounted here, in this order.
     ]
+
+
+def background_services(services: Services) -> list[Callable[..., Any]]:
+    """Every background service of this process: `async def run(*, task_status)` callables, each
+    started in the lifespan nursery of run_gateway (so each has an owner and stops with the app)."""
+    return []
 
 
 def data_plane_router(services: Services) -> Callable[[Request], Any]:
@@ -141,7 +148,7 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
             lifespan = Lifespan(wrapped, config, {})
             await nursery.start(lifespan.handle_lifespan)
             await lifespan.wait_for_startup()
-            for service in services.extra.get("background", []):
+            for service in background_services(services):
                 await nursery.start(service)
             front = FrontServer(data_plane_router(services), wrapped, config, metrics)
             async with trio.open_nursery() as server:

@@ -1,0 +1,58 @@
+"""The provider interface: what provisioning needs from wherever containers live.
+
+Every method is idempotent for a VMID: creating a container that already exists returns it,
+destroying one that is gone succeeds. Providers raise ProviderError with a readable reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class ProviderError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    vmid: int
+    kind: str  # game | dev
+    name: str
+    hostname: str
+    engine_type: str
+    cores: int
+    memory_mb: int
+    disk_gb: int
+    agent_secret: str
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Container:
+    vmid: int
+    provider_ref: str
+    agent_host: str
+    agent_port: int
+    ide_port: int | None = None
+
+
+class Provider(Protocol):
+    name: str
+
+    async def create(self, spec: ContainerSpec) -> Container:
+        """Create and boot the container with its agent configured with `spec.agent_secret`."""
+
+    async def start(self, vmid: int) -> None: ...
+
+    async def stop(self, vmid: int) -> None: ...
+
+    async def status(self, vmid: int) -> str:
+        """`running`, `stopped` or `missing`."""
+
+    async def destroy(self, vmid: int) -> None: ...
+
+    async def list_vmids(self) -> set[int]:
+        """Every container this provider holds (for orphan remediation)."""
+
+    async def run(self, *, task_status: Any) -> None:
+        """The provider's own background work (supervision, re-adoption), in the app's nursery."""
