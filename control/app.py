@@ -7,28 +7,38 @@ are listed here too so this file and /openapi.json stay the complete map of the 
 from __future__ import annotations
 
 import logging
+import re
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
 
+from gateway.agent_client import AgentClient
+from gateway.dataplane import DataRoute, FileStreams, path_router
 from gateway.metrics import Metrics
+from gateway.poller import Poller
 from gateway.server import FrontServer, Request
+from gateway.upstream import UpstreamPool
 from storage import users
 from storage.db import Store, connect_database
 from storage.migrations import migrate
 
-from . import ops
+from . import files, instances, ops, servers
 from .api import AccessLog, Route, install_error_handlers, make_view, openapi_document
 from .auth import routes as auth
 from .auth.tokens import TokenService
 from .config import Settings
+from .edge import NoEdge
+from .providers.base import Provider
+from .providers.local import LocalProvider
+from .provisioning import Provisioner
 from .mailer import Mailer
 from .services import Services
 
@@ -64,23 +74,141 @@ def control_routes() -> list[Route]:
               "Set a new password with a reset token; revokes every session", auth=OPEN,
               body=auth.ResetConfirmBody, tags=("auth",)),
         Route("GET", "/api/me", auth.me, "The current user", response=auth.USER_SCHEMA, tags=("auth",)),
+        # Instances and containers
+        Route("GET", "/api/instances", instances.list_instances, "ContainerInstance rows (owner-scoped; admins see all)",
+              response={"type": "array", "items": instances.INSTANCE_SCHEMA}, tags=("instances",)),
+        Route("POST", "/api/instances", instances.create_instance,
+              "Provision a game server or dev container: plan limits, create, configure agent, wait for "
+              "semantic readiness, then ready and published. Answers 202 at once; poll the server state.",
+              body=instances.CreateInstance, response=instances.INSTANCE_SCHEMA, status=202, tags=("instances",)),
+        Route("DELETE", "/api/containers/<int:vmid>", instances.delete_container,
+              "Delete / clean up / remediate an orphan: tears down edge routes and the container, archives the "
+              "instance metadata; idempotent (a repeat answers 404)", tags=("instances",)),
+        # Servers: normalized state and control actions
+        Route("GET", "/api/servers", servers.list_servers, "Normalized state of every server the user may see",
+              response={"type": "array", "items": servers.SERVER_SCHEMA}, tags=("servers",)),
+        Route("GET", "/api/servers/<int:server_id>", servers.get_server, "Normalized state of one server",
+              response=servers.SERVER_SCHEMA, tags=("servers",)),
+        Route("POST", "/api/servers/<int:server_id>/start", servers.start, "Start the game server", tags=("servers",)),
+        Route("POST", "/api/servers/<int:server_id>/stop", servers.stop, "Stop the game server", tags=("servers",)),
+        Route("POST", "/api/servers/<int:server_id>/restart", servers.restart, "Restart the game server",
+              tags=("servers",)),
+        Route("POST", "/api/servers/<int:server_id>/console/command", servers.console_command,
+              "Send one console command", body=servers.ConsoleCommand, tags=("servers",)),
+        *file_routes(),
+        *backup_and_mod_routes(),
         # Resource families: each module lists its own routes; they are mounted here, in this order.
+    ]
+
+
+PATH_QUERY = [{"name": "path", "in": "query", "required": True, "schema": {"type": "string"},
+               "description": "file path relative to the server's data directory"}]
+RAW_BODY = {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                                          "multipart/form-data": {"schema": {"type": "object"}}}}
+RESUMABLE_DOC = (
+    "Resumable uploads: POST …/files/uploads {path,size} opens a session and answers {uploadId, offset}. "
+    "Send bytes with PATCH …/files/uploads/{uploadId}, header `Upload-Offset: <offset>` and the raw body; "
+    "bytes that arrive are kept even if the connection drops. After an interruption, GET …/files/uploads/{uploadId} "
+    "reports the offset the server holds; continue from there with another PATCH. When offset reaches size the "
+    "file is moved into place atomically. A PATCH whose Upload-Offset differs from the server's answers 409 with "
+    "the current offset. DELETE …/files/uploads/{uploadId} abandons the session.")
+
+
+def file_routes() -> list[Route]:
+    """One implementation, two mounts: /api/game/servers/:id/files… and /api/servers/:id/files…"""
+    routes: list[Route] = []
+    for mount in files.FILE_MOUNTS:
+        base = f"{mount}/<int:server_id>/files"
+        tags = ("files",)
+        routes += [
+            Route("GET", base, files.list_files, "List a directory (query `path`, default the root)", tags=tags),
+            Route("GET", f"{base}/content", files.read_content, "Read a small text file", tags=tags,
+                  extra_doc={"parameters": PATH_QUERY}),
+            Route("PUT", f"{base}/content", files.write_content, "Write a small text file (atomic)",
+                  body=files.WriteContent, tags=tags),
+            Route("DELETE", base, files.delete_file, "Delete a file or directory", tags=tags,
+                  extra_doc={"parameters": PATH_QUERY}),
+            Route("POST", f"{base}/rename", files.rename_file, "Rename or move", body=files.Rename, tags=tags),
+            Route("POST", f"{base}/mkdir", files.make_dir, "Create a directory", body=files.MakeDir, tags=tags),
+            Route("POST", f"{base}/uploads", files.start_upload, "Open a resumable upload session",
+                  body=files.StartUpload, status=201, tags=tags, extra_doc={"description": RESUMABLE_DOC}),
+            Route("GET", f"{base}/uploads/<upload_id>", files.upload_status,
+                  "Offset a resumable upload has reached", tags=tags, extra_doc={"description": RESUMABLE_DOC}),
+            Route("DELETE", f"{base}/uploads/<upload_id>", files.abort_upload, "Abandon a resumable upload",
+                  tags=tags),
+            Route("PATCH", f"{base}/uploads/<upload_id>", None, "Append bytes to a resumable upload (streamed)",
+                  data_plane=True, tags=tags, extra_doc={"description": RESUMABLE_DOC, "requestBody": RAW_BODY,
+                  "parameters": [{"name": "Upload-Offset", "in": "header", "required": True,
+                                  "schema": {"type": "integer"}}]}),
+            Route("GET", f"{base}/download", None,
+                  "Download a file, streamed; Range requests give 206 (resumable downloads)", data_plane=True,
+                  tags=tags, extra_doc={"parameters": PATH_QUERY, "responses": {
+                      "206": {"description": "partial content"}}}),
+            Route("PUT", f"{base}/upload", None,
+                  "Upload a file, streamed as-is (raw bytes or multipart; Content-Length or chunked); "
+                  "the plan's size limit is enforced as bytes flow; an aborted upload leaves nothing",
+                  data_plane=True, status=201, tags=tags,
+                  extra_doc={"parameters": PATH_QUERY, "requestBody": RAW_BODY}),
+            Route("POST", f"{base}/upload", None, "Same as PUT …/files/upload", data_plane=True, status=201,
+                  tags=tags, extra_doc={"parameters": PATH_QUERY, "requestBody": RAW_BODY}),
+        ]
+    return routes
+
+
+def backup_and_mod_routes() -> list[Route]:
+    base = "/api/game/servers/<int:server_id>"
+    return [
+        Route("GET", f"{base}/backups", files.list_backups, "List backups (agent status and body kept)",
+              tags=("backups",)),
+        Route("POST", f"{base}/backups", files.create_backup, "Create a backup", body=files.CreateBackup,
+              status=201, tags=("backups",)),
+        Route("POST", f"{base}/backups/restore", files.restore_backup,
+              "Start restoring backup `id`; answers 202 at once — poll the restore status or the server state",
+              status=202, tags=("backups",), extra_doc={"parameters": [
+                  {"name": "id", "in": "query", "required": True, "schema": {"type": "string"}}]}),
+        Route("GET", f"{base}/backups/restore", files.restore_status,
+              "Backup/restore operations in progress (from the gateway's normalized state)", tags=("backups",)),
+        Route("DELETE", f"{base}/backups/<backup_id>", files.delete_backup, "Delete a backup", tags=("backups",)),
+        Route("GET", f"{base}/backups/<backup_id>/download", None, "Download a backup archive, streamed",
+              data_plane=True, tags=("backups",)),
+        Route("GET", f"{base}/mods", files.list_mods, "List mods", tags=("mods",)),
+        Route("POST", f"{base}/mods", files.install_mod, "Install a mod", body=files.InstallMod, status=201,
+              tags=("mods",)),
+        Route("DELETE", f"{base}/mods/<mod_id>", files.remove_mod, "Remove a mod", tags=("mods",)),
+        Route("POST", f"{base}/mods/<mod_id>/enable", files.enable_mod, "Enable a mod", tags=("mods",)),
+        Route("POST", f"{base}/mods/<mod_id>/disable", files.disable_mod, "Disable a mod", tags=("mods",)),
     ]
 
 
 def background_services(services: Services) -> list[Callable[..., Any]]:
     """Every background service of this process: `async def run(*, task_status)` callables, each
     started in the lifespan nursery of run_gateway (so each has an owner and stops with the app)."""
-    return []
+    return [services.provisioner.run, services.poller.run]
+
+
+FILES_PREFIX = r"^/api/(?:game/)?servers/(?P<id>\d+)/files/"
 
 
 def data_plane_router(services: Services) -> Callable[[Request], Any]:
-    """The data-plane routes gateway/ serves natively (none yet beyond the handoff)."""
+    """The routes gateway/ serves natively, with the rules they need handed in."""
+    streams = FileStreams(services.upstream, files.stream_authorizer(services), services.metrics)
+    routes = [
+        DataRoute(frozenset({"GET"}), re.compile(FILES_PREFIX + "download$"), streams.download, "files.download"),
+        DataRoute(frozenset({"PUT", "POST"}), re.compile(FILES_PREFIX + "upload$"), streams.upload, "files.upload"),
+        DataRoute(frozenset({"PATCH"}), re.compile(FILES_PREFIX + r"uploads/(?P<upload>[A-Za-z0-9_-]{1,128})$"),
+                  streams.upload_chunk, "files.upload_chunk"),
+        DataRoute(frozenset({"GET"}),
+                  re.compile(r"^/api/game/servers/(?P<id>\d+)/backups/(?P<backup>[A-Za-z0-9_.-]{1,128})/download$"),
+                  streams.backup_download, "backups.download"),
+    ]
+    return path_router(routes)
 
-    def route(request: Request) -> Any:
-        return None
 
-    return route
+def build_provider(settings: Settings) -> Provider:
+    if settings.provider == "local":
+        return LocalProvider(settings.data_dir, agent_args=settings.local_agent_args,
+                             stop_agents_on_exit=settings.local_stop_agents_on_exit)
+    raise ValueError(f"unknown provider {settings.provider!r}")
 
 
 def create_app(services: Services, routes: list[Route]) -> QuartTrio:
@@ -129,6 +257,7 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
     The nursery here owns every background service of this process."""
     shutdown = trio.Event() if shutdown is None else shutdown
     store = open_store(settings)
+    services: Services | None = None
     try:
         await prepare_storage(settings, store)
         metrics = Metrics()
@@ -139,6 +268,13 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
             metrics=metrics,
             mailer=Mailer(settings.data_dir / "outbox"),
         )
+        services.agents = AgentClient(
+            httpx.AsyncClient(limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256)),
+            timeout=settings.agent_timeout)
+        services.provisioner = Provisioner(store, build_provider(settings), NoEdge(), services.agents,
+                                           ready_timeout=settings.ready_timeout)
+        services.upstream = UpstreamPool()
+        services.poller = Poller(store, services.agents, metrics, interval=settings.poll_interval)
         routes = control_routes()
         services.extra["openapi"] = openapi_document(routes, "ZLH gateway", "0.1.0")
         app = create_app(services, routes)
@@ -162,4 +298,8 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
                 await lifespan.wait_for_shutdown()
             nursery.cancel_scope.cancel()
     finally:
+        if services is not None:
+            with trio.CancelScope(shield=True):
+                await services.agents.aclose()
+                await services.upstream.aclose()
         store.close()

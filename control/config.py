@@ -16,7 +16,7 @@ DEFAULT_PLANS: list[dict[str, Any]] = [
      "max_memory_mb": 32768, "max_disk_gb": 200, "max_upload_bytes": 50 * 1024**3, "stripe_price_id": None},
 ]
 
-_SECRET_FIELDS = {"jwt_secret"}
+_SECRET_FIELDS = {"jwt_secret", "proxmox_token_secret", "pdns_api_key", "prometheus_sd_token"}
 
 
 class ConfigError(Exception):
@@ -52,6 +52,50 @@ class Settings:
     plans: list[dict[str, Any]] = field(default_factory=lambda: [dict(p) for p in DEFAULT_PLANS])
     default_plan: str = "free"
     demo_servers: bool = False
+    # Proxmox provider (ZLH_PROVIDER=proxmox). The template is a VMID to clone or an ostemplate volume.
+    proxmox_url: str = ""  # https://pve.example:8006
+    proxmox_token_id: str = ""  # user@realm!tokenid
+    proxmox_token_secret: str = ""
+    proxmox_node: str = ""
+    proxmox_verify_ssl: bool = True
+    proxmox_ca_bundle: str = ""  # PEM file trusted instead of the system store
+    proxmox_template: str = ""
+    proxmox_storage: str = "local-lvm"
+    proxmox_bridge: str = "vmbr0"
+    proxmox_pool: str = ""
+    proxmox_swap_mb: int = 512
+    proxmox_timeout: float = 10.0  # one API call
+    proxmox_task_timeout: float = 600.0  # one PVE task (clone, create, start, …)
+    proxmox_agent_port: int = 18888
+    proxmox_ide_port: int = 8080
+    # Edge publishing: all empty means the embedded default, which publishes nothing external.
+    pdns_api_url: str = ""  # http://127.0.0.1:8081
+    pdns_api_key: str = ""
+    pdns_server_id: str = "localhost"
+    pdns_zone: str = ""  # games.example.com
+    public_domain: str = ""  # game host names live under this (defaults to the zone)
+    edge_public_ip: str = ""  # what game and IDE host names resolve to
+    dns_ttl: int = 60
+    velocity_config: str = ""  # path of velocity.toml whose [servers] and [forced-hosts] we render
+    velocity_reload_command: str = ""  # run after each render (shell words), e.g. an RCON "velocity reload"
+    velocity_reload_url: str = ""  # or POSTed to after each render
+    prometheus_sd_token: str = ""  # bearer for the http_sd endpoint; empty disables it
+    agent_metrics_path: str = "/metrics"
+    edge_retry_base: float = 2.0  # outbox backoff: base * 2**attempts, capped
+    edge_retry_max: float = 300.0
+    edge_call_timeout: float = 10.0
+    # Job backend (control/jobs/): a lease lapses this long after the holding runner's last call;
+    # a lapsed job is re-queued while attempts < max attempts (per pipeline, default below), else failed.
+    job_lease_ttl: float = 30.0
+    job_max_attempts: int = 2
+    job_reap_interval: float = 2.0
+    runner_offline_after: float = 60.0
+    artifact_max_bytes: int = 2 * 1024**3
+    source_timeout: float = 15.0
+    update_feed_dir: Path | None = None  # release feed for update check/apply; default data_dir/release-feed
+    ready_timeout: float = 120.0
+    local_agent_args: list[str] = field(default_factory=list)
+    local_stop_agents_on_exit: bool = False
 
     def __repr__(self) -> str:
         shown = {f.name: ("[redacted]" if f.name in _SECRET_FIELDS else getattr(self, f.name)) for f in fields(self)}
@@ -77,6 +121,12 @@ class Settings:
         s.log_level = env.get("ZLH_LOG_LEVEL", s.log_level)
         if env.get("ZLH_SCRYPT_N"):
             s.scrypt_n = int(env["ZLH_SCRYPT_N"])
+        s.job_lease_ttl = float(env.get("ZLH_JOB_LEASE_TTL", s.job_lease_ttl))
+        s.job_max_attempts = int(env.get("ZLH_JOB_MAX_ATTEMPTS", s.job_max_attempts))
+        s.artifact_max_bytes = int(env.get("ZLH_ARTIFACT_MAX_BYTES", s.artifact_max_bytes))
+        if env.get("ZLH_UPDATE_FEED"):
+            s.update_feed_dir = Path(env["ZLH_UPDATE_FEED"])
+        _edge_from_env(s, env)
         for key, value in overrides.items():
             setattr(s, key, value)
         s.finish()
@@ -99,6 +149,24 @@ class Settings:
         if self.ide_cookie_secure is not None:
             return self.ide_cookie_secure
         return self.public_url.startswith("https://")
+
+
+def _edge_from_env(s: Settings, env: dict[str, str]) -> None:
+    """Proxmox and edge-publishing settings: the env name is the field name upper-cased."""
+    for name in ("proxmox_url", "proxmox_token_id", "proxmox_token_secret", "proxmox_node", "proxmox_ca_bundle",
+                 "proxmox_template", "proxmox_storage", "proxmox_bridge", "proxmox_pool", "pdns_api_url",
+                 "pdns_api_key", "pdns_server_id", "pdns_zone", "public_domain", "edge_public_ip",
+                 "velocity_config", "velocity_reload_command", "velocity_reload_url", "prometheus_sd_token"):
+        if name.upper() in env:
+            setattr(s, name, env[name.upper()])
+    for name in ("proxmox_swap_mb", "proxmox_agent_port", "proxmox_ide_port", "dns_ttl"):
+        if name.upper() in env:
+            setattr(s, name, int(env[name.upper()]))
+    for name in ("proxmox_timeout", "proxmox_task_timeout", "edge_retry_base", "edge_retry_max"):
+        if name.upper() in env:
+            setattr(s, name, float(env[name.upper()]))
+    if "PROXMOX_VERIFY_SSL" in env:
+        s.proxmox_verify_ssl = _flag(env["PROXMOX_VERIFY_SSL"])
 
 
 def _flag(value: str | None) -> bool:

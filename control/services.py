@@ -20,5 +20,9 @@ class Services:
     tokens: TokenService
     metrics: Metrics
     mailer: Mailer
+    agents: Any = None  # gateway.agent_client.AgentClient
+    provisioner: Any = None  # control.provisioning.Provisioner
+    poller: Any = None  # gateway.poller.Poller
+    upstream: Any = None  # gateway.upstream.UpstreamPool (data-plane streams)
     running: set[str] = field(default_factory=set)  # background services that are up, for /ready
     extra: dict[str, Any] = field(default_factory=dict)

@@ -96,6 +96,10 @@ class Instance(BaseModel):
     created_at = peewee.DateTimeField(default=utcnow)
     updated_at = peewee.DateTimeField(default=utcnow)
     ready_at = peewee.DateTimeField(null=True)
+    # The one power action (start/stop/restart) in flight, claimed with a conditional update so
+    # that concurrent requests on any replica see it; it lapses by itself at `power_until`.
+    power_action = peewee.CharField(null=True, max_length=16)
+    power_until = peewee.DateTimeField(null=True)
 
 
 class InstanceArchive(BaseModel):

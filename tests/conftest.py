@@ -58,6 +58,8 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         bind=["127.0.0.1:0"],
         hypercorn_config=Path(__file__).parent.parent / "hypercorn.toml",
         poll_interval=0.5,
+        ready_timeout=30.0,
+        local_stop_agents_on_exit=True,
     )
 
 
@@ -76,6 +78,29 @@ class Gateway:
     @staticmethod
     def bearer(session: dict) -> dict[str, str]:
         return {"authorization": f"Bearer {session['accessToken']}"}
+
+    async def wait_for(self, predicate, path: str, session: dict, timeout: float = 30.0) -> dict:  # type: ignore[no-untyped-def]
+        """Poll a JSON GET until `predicate(body)` holds; the last body otherwise (assert on it)."""
+        body: dict = {}
+        with trio.move_on_after(timeout):
+            while True:
+                response = await self.client.get(path, headers=self.bearer(session))
+                body = response.json()
+                if predicate(body):
+                    return body
+                await trio.sleep(0.1)
+        raise AssertionError(f"timed out waiting on {path}: last answer {body}")
+
+    async def provision(self, session: dict, kind: str = "game", name: str = "srv", **payload: object) -> dict:
+        """Provision through the API and wait until the server is ready."""
+        response = await self.client.post("/api/instances", headers=self.bearer(session), json={
+            "kind": kind, "name": name, "engineType": "minecraft" if kind == "game" else "vscode",
+            "payload": payload})
+        assert response.status_code == 202, response.text
+        instance = response.json()
+        await self.wait_for(lambda b: b.get("instanceState") == "ready" and b.get("agentReady"),
+                            f"/api/servers/{instance['id']}", session)
+        return instance
 
 
 @pytest.fixture

@@ -1,0 +1,207 @@
+"""Provisioning and deletion of instances, driven by the transition table in control/lifecycle.py.
+
+The Provisioner is a service in the app's nursery: POST /api/instances records the instance and hands
+its id here; each provisioning runs as a task the Provisioner owns, step by step:
+reserve → create the container → configure the agent → wait for *semantic* readiness → mark ready and
+persist → publish edge routes. Any failure destroys what was created and leaves the instance failed
+with a readable reason. On start-up, instances left in a provisioning state by a previous process are
+resumed (every step is idempotent). Deleting an instance cancels its provisioning first."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from gateway.agent_client import AgentClient, AgentTarget, describe_failure, is_agent_ready_result
+from storage import instances as store_instances, users
+from storage.clock import utcnow
+from storage.db import Store
+
+from .edge import EdgePublisher, PublishedInstance
+from .lifecycle import PROVISIONING, InstanceState, next_instance_state
+from .providers.base import ContainerSpec, Provider, ProviderError
+
+log = logging.getLogger("zlh.provisioning")
+
+
+class ProvisioningFailed(Exception):
+    pass
+
+
+def published(instance: Any) -> PublishedInstance:
+    return PublishedInstance(
+        instance_id=instance.id, vmid=instance.vmid, kind=instance.kind, name=instance.name,
+        engine_type=instance.engine_type, agent_host=instance.agent_host or "",
+        agent_port=instance.agent_port or 0, allocated_ports=list(instance.allocated_ports or []),
+        payload=dict(instance.payload or {}),
+    )
+
+
+@dataclass
+class Provisioner:
+    store: Store
+    provider: Provider
+    edge: EdgePublisher
+    agents: AgentClient
+    ready_timeout: float = 120.0
+    ready_poll: float = 0.25
+    _nursery: trio.Nursery | None = None
+    _scopes: dict[int, trio.CancelScope] = field(default_factory=dict)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.provider.run)
+            self._nursery = nursery
+            await self._reconcile_after_restart()
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _reconcile_after_restart(self) -> None:
+        """Resume interrupted provisionings; refresh agent addresses of re-adopted containers."""
+        states = [s.value for s in PROVISIONING]
+        for instance in await self.store.run(store_instances.instances_in_states, states):
+            self.submit(instance.id)
+        current = getattr(self.provider, "current", None)
+        if current is None:
+            return
+        for instance in await self.store.run(store_instances.instances_in_states, [InstanceState.READY.value]):
+            container = await current(instance.vmid)
+            if container is not None and container.agent_port != instance.agent_port:
+                await self.store.run(store_instances.update_instance, instance.id,
+                                     agent_host=container.agent_host, agent_port=container.agent_port,
+                                     ide_port=container.ide_port)
+
+    def submit(self, instance_id: int) -> None:
+        assert self._nursery is not None, "Provisioner is not running"
+        if instance_id in self._scopes:
+            return
+        scope = trio.CancelScope()
+        self._scopes[instance_id] = scope
+        self._nursery.start_soon(self._provision_task, instance_id, scope)
+
+    def cancel(self, instance_id: int) -> None:
+        scope = self._scopes.pop(instance_id, None)
+        if scope is not None:
+            scope.cancel()
+
+    async def _provision_task(self, instance_id: int, scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                await self.provision(instance_id)
+            except Exception:
+                log.exception("provisioning %s crashed", instance_id)
+        if self._scopes.get(instance_id) is scope:
+            del self._scopes[instance_id]
+
+    async def _move(self, instance: Any, event: str, **fields: Any) -> Any:
+        state = next_instance_state(instance.state, event)
+        await self.store.run(store_instances.update_instance, instance.id, state=state.value, **fields)
+        instance.state = state.value
+        for key, value in fields.items():
+            setattr(instance, key, value)
+        return instance
+
+    async def provision(self, instance_id: int) -> None:
+        instance = await self.store.run(store_instances.get_instance, instance_id)
+        if instance is None or instance.state not in {s.value for s in PROVISIONING}:
+            return
+        try:
+            if instance.state == InstanceState.RESERVED.value:
+                instance = await self._move(instance, "create")
+            if instance.state == InstanceState.CREATING.value:
+                instance = await self._create_container(instance)
+            if instance.state == InstanceState.CONFIGURING.value:
+                instance = await self._configure_agent(instance)
+            if instance.state == InstanceState.AWAITING_READY.value:
+                await self._await_semantic_ready(instance)
+                instance = await self._move(instance, "ready", ready_at=utcnow())
+            if instance.state == InstanceState.PUBLISHING.value:
+                await self.edge.publish(published(instance))
+                instance = await self._move(instance, "published", state_reason=None)
+                await self.store.run(users.audit, "instance.ready", instance.owner_id, f"instance:{instance.id}")
+        except (ProvisioningFailed, ProviderError) as exc:
+            await self._fail(instance, str(exc))
+
+    async def _create_container(self, instance: Any) -> Any:
+        payload = instance.payload or {}
+        spec = ContainerSpec(
+            vmid=instance.vmid, kind=instance.kind, name=instance.name,
+            hostname=f"{instance.kind}-{instance.vmid}", engine_type=instance.engine_type,
+            cores=int(payload.get("cores", 1)), memory_mb=int(payload.get("memoryMb", 1024)),
+            disk_gb=int(payload.get("diskGb", 8)), agent_secret=instance.agent_secret, payload=payload,
+        )
+        container = await self.provider.create(spec)
+        return await self._move(instance, "created", provider_ref=container.provider_ref,
+                                agent_host=container.agent_host, agent_port=container.agent_port,
+                                ide_port=container.ide_port)
+
+    async def _configure_agent(self, instance: Any) -> Any:
+        """The agent must accept its secret (and only it) before we wait on it."""
+        target = AgentTarget(instance.agent_host, instance.agent_port, instance.agent_secret)
+        with trio.move_on_after(self.ready_timeout):
+            while True:
+                health = await self.agents.health(target)
+                if health.status == 200:
+                    return await self._move(instance, "configured")
+                if health.status in (401, 403):
+                    raise ProvisioningFailed("agent rejected its provisioning secret")
+                await trio.sleep(self.ready_poll)
+        raise ProvisioningFailed(f"agent never became reachable: {describe_failure(health)}")
+
+    async def _await_semantic_ready(self, instance: Any) -> None:
+        target = AgentTarget(instance.agent_host, instance.agent_port, instance.agent_secret)
+        last = None
+        with trio.move_on_after(self.ready_timeout):
+            while True:
+                last = await self.agents.get_agent_ready(target)
+                if is_agent_ready_result(last):
+                    return
+                await trio.sleep(self.ready_poll)
+        reason = describe_failure(last) if last is not None else "no answer"
+        raise ProvisioningFailed(f"agent not ready after {self.ready_timeout:.0f}s ({reason})")
+
+    async def _fail(self, instance: Any, reason: str) -> None:
+        log.warning("provisioning of instance %s failed: %s", instance.id, reason)
+        with trio.CancelScope(shield=True):
+            try:
+                await self.provider.destroy(instance.vmid)
+            except ProviderError as exc:
+                reason = f"{reason}; cleanup failed: {exc}"
+            await self._move(instance, "fail", state_reason=reason)
+            await self.store.run(users.audit, "instance.failed", instance.owner_id, f"instance:{instance.id}",
+                                 reason=reason)
+
+    async def delete(self, instance: Any, actor_id: int | None) -> Any:
+        """Tear down everything an instance has: provisioning, edge routes, container, row
+        (archived). Safe to repeat; a container already gone counts as destroyed."""
+        self.cancel(instance.id)
+        if instance.state != InstanceState.DELETING.value:
+            await self._move(instance, "delete")
+        with trio.CancelScope(shield=True):
+            await self.edge.unpublish(published(instance))
+            await self.provider.destroy(instance.vmid)
+
+            def archive() -> Any:
+                record = store_instances.archive_and_delete(instance.id, "deleted")
+                users.audit("instance.deleted", actor_id, f"instance:{instance.id}", vmid=instance.vmid)
+                return record
+
+            return await self.store.run(archive)
+
+    async def remove_orphan_container(self, vmid: int, actor_id: int | None) -> Any:
+        await self.provider.destroy(vmid)
+
+        def archive() -> Any:
+            record = store_instances.archive_orphan(vmid, "container without instance row")
+            users.audit("container.orphan_removed", actor_id, f"vmid:{vmid}")
+            return record
+
+        return await self.store.run(archive)
+
+
+def new_agent_secret() -> str:
+    return secrets.token_urlsafe(32)

@@ -1,0 +1,118 @@
+"""Servers (game and dev runtime): normalized state read from storage — never a live agent call per
+Portal request — and the control actions forwarded to the agent: start/stop/restart (one power action
+at a time per server) and console commands."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated, Any
+
+import pydantic
+
+from gateway.agent_client import forward_agent_result
+from gateway.errors import ApiError
+from storage import instances as store_instances
+from storage.clock import isoformat, utcnow
+
+from .access import agent_target, owned_instance
+from .api import Body, Ctx
+from .lifecycle import InstanceState
+
+POWER_HOLD_SECONDS = 60
+STALE_AFTER_INTERVALS = 3
+
+
+class ConsoleCommand(Body):
+    command: Annotated[str, pydantic.StringConstraints(min_length=1, max_length=1000)]
+
+
+SERVER_SCHEMA: dict[str, Any] = {"type": "object", "properties": {
+    "id": {"type": "integer"}, "vmid": {"type": "integer"}, "kind": {"type": "string"}, "name": {"type": "string"},
+    "state": {"type": "string"}, "agentReady": {"type": "boolean"},
+    "agent": {"type": "object", "properties": {"alive": {"type": "boolean"}, "ready": {"type": "boolean"},
+                                               "lastSeenAt": {"type": ["string", "null"]},
+                                               "lastError": {"type": ["string", "null"]}}},
+    "players": {"type": "array"}, "version": {"type": ["string", "null"]}, "updateAvailable": {"type": "boolean"},
+    "operations": {"type": "array"}}}
+
+
+def normalized_state(instance: Any, agent: Any, poll_interval: float) -> dict[str, Any]:
+    """The Portal's view of one server. `agentReady` is the last semantic /ready, and it reads as
+    false once that answer is older than a few poll intervals."""
+    now = utcnow()
+    fresh = (agent is not None and agent.ready_checked_at is not None
+             and now - agent.ready_checked_at <= timedelta(seconds=poll_interval * STALE_AFTER_INTERVALS))
+    alive = bool(agent and agent.alive and fresh)
+    ready = bool(agent and agent.ready and fresh)
+    if instance.state == InstanceState.READY.value:
+        state = (agent.server_state if agent and alive and agent.server_state else
+                 "unreachable" if agent and agent.polled_at else "unknown")
+    else:
+        state = instance.state
+    return {
+        "id": instance.id, "vmid": instance.vmid, "kind": instance.kind, "name": instance.name,
+        "engineType": instance.engine_type, "instanceState": instance.state, "stateReason": instance.state_reason,
+        "state": state, "agentReady": ready,
+        "agent": {"alive": alive, "ready": ready, "lastSeenAt": isoformat(agent.last_seen_at) if agent else None,
+                  "lastError": agent.last_error if agent else None},
+        "players": (agent.players if agent else None) or [],
+        "version": agent.version if agent else None,
+        "updateAvailable": bool(agent and agent.update_available),
+        "operations": (agent.operations if agent else None) or [],
+        "resources": agent.resources if agent else None,
+        "allocatedPorts": instance.allocated_ports or [],
+    }
+
+
+async def list_servers(ctx: Ctx) -> list[dict[str, Any]]:
+    owner = None if ctx.me.is_admin else ctx.me.id
+    rows = await ctx.services.store.run(store_instances.server_rows, owner)
+    interval = ctx.services.settings.poll_interval
+    return [normalized_state(instance, agent, interval) for instance, agent in rows]
+
+
+async def get_server(ctx: Ctx, server_id: int) -> dict[str, Any]:
+    owner = None if ctx.me.is_admin else ctx.me.id
+    rows = await ctx.services.store.run(store_instances.server_rows, owner, server_id)
+    if not rows:
+        raise ApiError(404, "SERVER_NOT_FOUND", {"id": server_id})
+    instance, agent = rows[0]
+    return normalized_state(instance, agent, ctx.services.settings.poll_interval)
+
+
+async def ready_instance(ctx: Ctx, server_id: int) -> Any:
+    instance = await owned_instance(ctx, server_id)
+    if instance.state != InstanceState.READY.value:
+        raise ApiError(409, "SERVER_NOT_READY", {"state": instance.state})
+    return instance
+
+
+async def _power(ctx: Ctx, server_id: int, action: str) -> tuple[Any, int]:
+    instance = await ready_instance(ctx, server_id)
+    store = ctx.services.store
+    if not await store.run(store_instances.claim_power_action, instance.id, action, POWER_HOLD_SECONDS):
+        raise ApiError(409, "POWER_ACTION_IN_PROGRESS", {"id": server_id})
+    try:
+        result = await ctx.services.agents.call(agent_target(instance), "POST", f"/{action}", timeout=30)
+    finally:
+        await store.run(store_instances.release_power_action, instance.id)
+    return forward_agent_result(result)
+
+
+async def start(ctx: Ctx, server_id: int) -> tuple[Any, int]:
+    return await _power(ctx, server_id, "start")
+
+
+async def stop(ctx: Ctx, server_id: int) -> tuple[Any, int]:
+    return await _power(ctx, server_id, "stop")
+
+
+async def restart(ctx: Ctx, server_id: int) -> tuple[Any, int]:
+    return await _power(ctx, server_id, "restart")
+
+
+async def console_command(ctx: Ctx, server_id: int) -> tuple[Any, int]:
+    instance = await ready_instance(ctx, server_id)
+    result = await ctx.services.agents.call(agent_target(instance), "POST", "/console/command",
+                                            json_body={"command": ctx.body.command})
+    return forward_agent_result(result)

@@ -1,0 +1,107 @@
+"""The data-plane routes the front server serves natively, and their handlers for file and backup
+streams. Which requests are allowed, and to which agent they go, is decided by the `authorize`
+function the control layer hands in (a StreamGrant); this module only moves bytes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from .agent_client import AgentTarget
+from .metrics import Metrics
+from .server import Exchange, Handler, Request
+from .streams import relay, request_headers
+from .upstream import UpstreamPool
+
+
+@dataclass(frozen=True)
+class StreamGrant:
+    """What the rules allow for one data-plane request."""
+
+    agent: AgentTarget
+    upload_limit: int | None = None
+    instance_id: int | None = None
+
+
+Authorize = Callable[[Request, int], Awaitable[StreamGrant]]
+
+DOWNLOAD_HEADERS = frozenset({b"range", b"if-range", b"if-none-match", b"if-modified-since", b"accept"})
+UPLOAD_HEADERS = frozenset({b"content-type", b"content-length", b"upload-offset", b"content-range"})
+
+
+@dataclass
+class FileStreams:
+    pool: UpstreamPool
+    authorize: Authorize
+    metrics: Metrics
+
+    @staticmethod
+    def _agent_headers(grant: StreamGrant, forwarded: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        return [*forwarded, (b"authorization", f"Bearer {grant.agent.secret}".encode())]
+
+    async def download(self, exchange: Exchange, params: dict[str, str]) -> None:
+        grant = await self.authorize(exchange.request, int(params["id"]))
+        headers = self._agent_headers(grant, request_headers(exchange.request.headers, keep=DOWNLOAD_HEADERS))
+        target = "/files/download" + _query(exchange.request)
+        await relay(exchange, self.pool, grant.agent.host, grant.agent.port, "GET", target, headers,
+                    metrics=self.metrics)
+
+    async def upload(self, exchange: Exchange, params: dict[str, str]) -> None:
+        grant = await self.authorize(exchange.request, int(params["id"]))
+        headers = self._agent_headers(grant, request_headers(exchange.request.headers, keep=UPLOAD_HEADERS))
+        target = "/files/upload" + _query(exchange.request)
+        await relay(exchange, self.pool, grant.agent.host, grant.agent.port, "PUT", target, headers,
+                    send_body=True, upload_limit=grant.upload_limit, metrics=self.metrics)
+
+    async def upload_chunk(self, exchange: Exchange, params: dict[str, str]) -> None:
+        grant = await self.authorize(exchange.request, int(params["id"]))
+        headers = self._agent_headers(grant, request_headers(exchange.request.headers, keep=UPLOAD_HEADERS))
+        target = f"/files/uploads/{quote(params['upload'])}"
+        await relay(exchange, self.pool, grant.agent.host, grant.agent.port, "PATCH", target, headers,
+                    send_body=True, upload_limit=grant.upload_limit, metrics=self.metrics)
+
+    async def backup_download(self, exchange: Exchange, params: dict[str, str]) -> None:
+        grant = await self.authorize(exchange.request, int(params["id"]))
+        headers = self._agent_headers(grant, request_headers(exchange.request.headers, keep=DOWNLOAD_HEADERS))
+        target = f"/backups/{quote(params['backup'])}/download"
+        await relay(exchange, self.pool, grant.agent.host, grant.agent.port, "GET", target, headers,
+                    metrics=self.metrics)
+
+
+def _query(request: Request) -> str:
+    return f"?{request.query}" if request.query else ""
+
+
+@dataclass(frozen=True)
+class DataRoute:
+    methods: frozenset[str]
+    pattern: re.Pattern[str]
+    handler: Handler
+    name: str
+    websocket: bool = False
+
+
+def path_router(routes: list[DataRoute],
+                host_route: Callable[[Request], tuple[Handler, dict[str, str], str] | None] | None = None,
+                ) -> Callable[[Request], tuple[Handler, dict[str, str], str] | None]:
+    """The front server's router: host-based routes first (IDE hosts own every path), then paths."""
+
+    def route(request: Request) -> tuple[Handler, dict[str, str], str] | None:
+        if host_route is not None:
+            hosted = host_route(request)
+            if hosted is not None:
+                return hosted
+        for candidate in routes:
+            if request.method not in candidate.methods:
+                continue
+            match = candidate.pattern.match(request.path)
+            if match is None:
+                continue
+            if candidate.websocket and (request.header(b"upgrade") or b"").lower() != b"websocket":
+                continue
+            return candidate.handler, match.groupdict(), candidate.name
+        return None
+
+    return route

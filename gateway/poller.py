@@ -1,0 +1,178 @@
+"""The agent poller: the gateway is the single authority on agent state, and this is how it learns it.
+
+Every interval each agent gets `/health`, then `/ready` and `/status` (and `/version`, `/update`,
+`/players` every `slow_every` rounds). Polls are spread evenly over the interval (plus jitter) so a
+fleet of thousands never arrives as one burst; concurrency is bounded; each call has a timeout, so a
+hung agent costs one timeout and never holds up another agent's poll. An agent that keeps failing is
+backed off exponentially (but it is marked not alive at its first failure). Results are written to
+storage in batches, one transaction each, so any replica can serve them; Portal reads never reach
+an agent. `ready` is stored only from the semantic rule in agent_client.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from storage import instances as store_instances
+from storage.clock import utcnow
+from storage.db import Store
+from storage.instances import PollResult, PollTarget
+
+from .agent_client import AgentClient, AgentResult, AgentTarget, describe_failure, is_agent_ready_result
+from .metrics import Metrics
+
+log = logging.getLogger("zlh.poller")
+
+
+@dataclass
+class _AgentSchedule:
+    failures: int = 0
+    skip_rounds: int = 0
+    in_flight: bool = False
+    rounds: int = 0
+
+
+@dataclass
+class Poller:
+    store: Store
+    client: AgentClient
+    metrics: Metrics
+    interval: float = 5.0
+    concurrency: int = 256
+    slow_every: int = 6
+    flush_every: float = 0.25
+    max_backoff_rounds: int = 8
+    # Which agents this replica polls; the default polls every agent (replaced when partitioned).
+    list_targets: Callable[[], Awaitable[list[PollTarget]]] | None = None
+    _schedules: dict[int, _AgentSchedule] = field(default_factory=dict)
+    _pending: list[PollResult] = field(default_factory=list)
+    rounds_completed: int = 0
+    last_round_lateness: float = 0.0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        limiter = trio.CapacityLimiter(self.concurrency)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._flush_forever)
+            task_status.started()
+            next_round = trio.current_time()
+            while True:
+                lateness = max(0.0, trio.current_time() - next_round)
+                self.last_round_lateness = lateness
+                self.metrics.poll_lag.set(lateness)
+                await self._round(nursery, limiter, next_round)
+                self.rounds_completed += 1
+                next_round += self.interval
+                if next_round < trio.current_time():
+                    next_round = trio.current_time()
+                await trio.sleep_until(next_round)
+
+    async def _targets(self) -> list[PollTarget]:
+        if self.list_targets is not None:
+            return await self.list_targets()
+        return await self.store.run(store_instances.poll_targets)
+
+    async def _round(self, nursery: trio.Nursery, limiter: trio.CapacityLimiter, started: float) -> None:
+        targets = await self._targets()
+        live = {t.instance_id for t in targets}
+        for gone in set(self._schedules) - live:
+            del self._schedules[gone]
+        spread = self.interval * 0.8
+        count = max(1, len(targets))
+        for index, target in enumerate(targets):
+            schedule = self._schedules.setdefault(target.instance_id, _AgentSchedule())
+            schedule.rounds += 1
+            if schedule.in_flight:
+                continue
+            if schedule.skip_rounds > 0:
+                schedule.skip_rounds -= 1
+                continue
+            due = started + spread * index / count + random.uniform(0, spread / count)
+            if due > trio.current_time():
+                await trio.sleep_until(due)
+            schedule.in_flight = True
+            slow = schedule.rounds % self.slow_every == 1
+            nursery.start_soon(self._poll_one, target, schedule, slow, limiter)
+
+    async def _poll_one(self, target: PollTarget, schedule: _AgentSchedule, slow: bool,
+                        limiter: trio.CapacityLimiter) -> None:
+        try:
+            async with limiter:
+                result = await self.poll_agent(target, slow)
+            self._pending.append(result)
+            if result.alive:
+                schedule.failures = 0
+            else:
+                schedule.failures += 1
+                # Back off from the second consecutive failure: 1, 2, 4, … rounds skipped.
+                if schedule.failures > 1:
+                    schedule.skip_rounds = min(self.max_backoff_rounds, 2 ** (schedule.failures - 2))
+        finally:
+            schedule.in_flight = False
+
+    async def poll_agent(self, target: PollTarget, slow: bool = False) -> PollResult:
+        agent = AgentTarget(target.host, target.port, target.secret)
+        health = await self.client.health(agent)
+        now = utcnow()
+        if health.status != 200:
+            self.metrics.agents_polled.labels("dead").inc()
+            return PollResult(target.instance_id, alive=False, ready=False, checked_at=now,
+                              error=f"/health: {describe_failure(health)}")
+        ready = await self.client.get_agent_ready(agent)
+        status = await self.client.status(agent)
+        errors = []
+        if not is_agent_ready_result(ready):
+            errors.append(f"/ready: {describe_failure(ready)}")
+        status_body = status.body if status.ok and isinstance(status.body, dict) else None
+        if status_body is None:
+            errors.append(f"/status: {describe_failure(status)}")
+        details = await self._slow_details(agent) if slow else None
+        self.metrics.agents_polled.labels("ready" if is_agent_ready_result(ready) else "not_ready").inc()
+        return PollResult(target.instance_id, alive=True, ready=is_agent_ready_result(ready),
+                          checked_at=utcnow(), error="; ".join(errors) or None, status=status_body,
+                          details=details)
+
+    async def _slow_details(self, agent: AgentTarget) -> dict[str, object]:
+        details: dict[str, object] = {}
+        version, update, players = await _gather(
+            self.client.call(agent, "GET", "/version"),
+            self.client.call(agent, "GET", "/update"),
+            self.client.call(agent, "GET", "/players"),
+        )
+        if version.ok and isinstance(version.body, dict) and "version" in version.body:
+            details["version"] = version.body["version"]
+        if update.ok and isinstance(update.body, dict) and "updateAvailable" in update.body:
+            details["updateAvailable"] = update.body["updateAvailable"]
+        if players.ok and isinstance(players.body, dict) and isinstance(players.body.get("players"), list):
+            details["players"] = players.body["players"]
+        return details
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await trio.sleep(self.flush_every)
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        try:
+            await self.store.run(store_instances.record_polls, batch)
+        except Exception:
+            log.exception("could not record %d poll results", len(batch))
+
+
+async def _gather(*calls: Awaitable[AgentResult]) -> list[AgentResult]:
+    results: list[AgentResult | None] = [None] * len(calls)
+
+    async def one(i: int, call: Awaitable[AgentResult]) -> None:
+        results[i] = await call
+
+    async with trio.open_nursery() as nursery:
+        for i, call in enumerate(calls):
+            nursery.start_soon(one, i, call)
+    return [r for r in results if r is not None]

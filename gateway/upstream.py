@@ -1,0 +1,222 @@
+"""The data plane's HTTP/1.1 client to agents and dev containers: raw trio + h11 with a small
+keep-alive pool per (host, port). Bodies flow chunk by chunk in both directions and are never held
+whole; reading is what pulls bytes off the socket, so a slow consumer slows the producer (TCP
+backpressure end to end). A response that ends before its framing says it should raises
+UpstreamBroken, so a truncated body is never mistaken for a complete one.
+
+httpx is the right tool for the agent's small JSON calls (gateway/agent_client.py); this module is for
+streams and protocol upgrades, which need the socket itself."""
+
+from __future__ import annotations
+
+import math
+import select
+from collections import defaultdict
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import h11
+import trio
+
+RECEIVE_SIZE = 256 * 1024
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or answered with something that is not HTTP."""
+
+
+class UpstreamTimeout(UpstreamError):
+    pass
+
+
+class UpstreamBroken(UpstreamError):
+    """The upstream went away in the middle of a message."""
+
+
+@dataclass
+class UpstreamResponse:
+    status: int
+    headers: Headers
+    _connection: _Connection
+    _done: bool = False
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    async def body(self, *, idle_timeout: float = math.inf) -> AsyncIterator[bytes]:
+        """The response body chunk by chunk; `idle_timeout` bounds each wait for the next bytes."""
+        conn = self._connection
+        while not self._done:
+            event = conn.h11.next_event()
+            if event is h11.NEED_DATA:
+                with trio.move_on_after(idle_timeout) as scope:
+                    data = await conn.receive()
+                if scope.cancelled_caught:
+                    raise UpstreamTimeout("upstream stalled mid-body")
+                conn.h11.receive_data(data)
+                continue
+            if isinstance(event, h11.Data):
+                yield event.data
+            elif isinstance(event, h11.EndOfMessage):
+                self._done = True
+            else:
+                raise UpstreamBroken(f"unexpected {type(event).__name__} in body")
+
+    async def read_all(self, limit: int = 1024 * 1024) -> bytes:
+        """For small bodies only (errors, JSON); refuses to hold more than `limit` bytes."""
+        parts = bytearray()
+        async for chunk in self.body():
+            parts += chunk
+            if len(parts) > limit:
+                raise UpstreamError("upstream body larger than expected")
+        return bytes(parts)
+
+    def take_over(self) -> tuple[trio.SocketStream, bytes]:
+        """After a 101 Switching Protocols: the raw socket and bytes already read past the head."""
+        self._connection.reusable = False
+        self._connection.taken = True
+        trailing, _ = self._connection.h11.trailing_data
+        return self._connection.stream, bytes(trailing)
+
+
+@dataclass
+class _Connection:
+    stream: trio.SocketStream
+    h11: h11.Connection
+    reusable: bool = True
+    taken: bool = False
+
+    async def receive(self) -> bytes:
+        try:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise UpstreamBroken(str(exc)) from exc
+        return data
+
+    async def send(self, event: object) -> None:
+        try:
+            for piece in self.h11.send_with_data_passthrough(event) or ():
+                await self.stream.send_all(piece)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise UpstreamBroken(str(exc)) from exc
+
+
+@dataclass
+class UpstreamPool:
+    connect_timeout: float = 5.0
+    response_timeout: float = 30.0
+    max_idle_per_host: int = 32
+    _idle: dict[tuple[str, int], list[_Connection]] = field(default_factory=lambda: defaultdict(list))
+
+    async def _connect(self, host: str, port: int) -> _Connection:
+        idle = self._idle[(host, port)]
+        while idle:
+            connection = idle.pop()
+            # An idle keep-alive socket the peer closed shows up as readable; never reuse it.
+            if not _peer_closed(connection.stream):
+                return connection
+            await connection.stream.aclose()
+        with trio.move_on_after(self.connect_timeout) as scope:
+            try:
+                stream = await trio.open_tcp_stream(host, port)
+            except OSError as exc:
+                raise UpstreamError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
+        if scope.cancelled_caught:
+            raise UpstreamTimeout(f"connect to {host}:{port} timed out")
+        return _Connection(stream, h11.Connection(h11.CLIENT))
+
+    @asynccontextmanager
+    async def request(
+        self,
+        host: str,
+        port: int,
+        method: str,
+        target: str,
+        headers: Headers,
+        body: AsyncIterable[bytes] | bytes | None = None,
+    ) -> AsyncIterator[UpstreamResponse]:
+        """Send a request (streaming `body` if it is an async iterable) and yield the response head;
+        the body is read from the response inside the block. The connection returns to the pool only
+        when both messages completed cleanly."""
+        connection = await self._connect(host, port)
+        response: UpstreamResponse | None = None
+        try:
+            if not any(k == b"host" for k, _ in headers):
+                headers = [(b"host", f"{host}:{port}".encode()), *headers]
+            await connection.send(h11.Request(method=method, target=target, headers=headers))
+            if isinstance(body, (bytes, bytearray)):
+                if body:
+                    await connection.send(h11.Data(data=body))
+            elif body is not None:
+                async for chunk in body:
+                    if chunk:
+                        await connection.send(h11.Data(data=chunk))
+            await connection.send(h11.EndOfMessage())
+            response = await self._read_head(connection)
+            yield response
+        except h11.ProtocolError as exc:
+            connection.reusable = False
+            raise UpstreamBroken(f"protocol error: {exc}") from exc
+        except BaseException:
+            connection.reusable = False
+            raise
+        finally:
+            await self._finish(host, port, connection, response)
+
+    async def _read_head(self, connection: _Connection) -> UpstreamResponse:
+        with trio.move_on_after(self.response_timeout) as scope:
+            while True:
+                event = connection.h11.next_event()
+                if event is h11.NEED_DATA:
+                    connection.h11.receive_data(await connection.receive())
+                    continue
+                if isinstance(event, h11.InformationalResponse):
+                    if event.status_code == 101:
+                        return UpstreamResponse(101, list(event.headers), connection, _done=True)
+                    continue
+                if isinstance(event, h11.Response):
+                    return UpstreamResponse(event.status_code, [(k, v) for k, v in event.headers], connection)
+                raise UpstreamBroken(f"upstream closed before answering ({type(event).__name__})")
+        assert scope.cancelled_caught
+        raise UpstreamTimeout("upstream did not answer in time")
+
+    async def _finish(self, host: str, port: int, connection: _Connection,
+                      response: UpstreamResponse | None) -> None:
+        if connection.taken:
+            return  # after a protocol switch the socket belongs to the caller
+        reusable = (
+            connection.reusable and response is not None
+            and connection.h11.our_state is h11.DONE and connection.h11.their_state is h11.DONE
+        )
+        if reusable:
+            try:
+                connection.h11.start_next_cycle()
+            except h11.LocalProtocolError:
+                reusable = False
+        idle = self._idle[(host, port)]
+        if reusable and len(idle) < self.max_idle_per_host:
+            idle.append(connection)
+            return
+        with trio.CancelScope(shield=True):
+            await connection.stream.aclose()
+
+    async def aclose(self) -> None:
+        for idle in self._idle.values():
+            for connection in idle:
+                with trio.CancelScope(shield=True):
+                    await connection.stream.aclose()
+        self._idle.clear()
+
+
+def _peer_closed(stream: trio.SocketStream) -> bool:
+    try:
+        readable, _, _ = select.select([stream.socket.fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)

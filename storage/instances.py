@@ -1,0 +1,185 @@
+"""Container instances and their normalized agent state: reads and writes (synchronous; run them
+through Store.run). The poller is the only writer of AgentState."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import peewee
+
+from .clock import utcnow
+from .models import AgentState, Instance, InstanceArchive, User
+
+FIRST_VMID = 1000
+
+
+class VmidTaken(Exception):
+    pass
+
+
+def next_free_vmid() -> int:
+    """One past the highest VMID ever used here, live or archived (a VMID is never reused)."""
+    live = Instance.select(peewee.fn.MAX(Instance.vmid)).scalar() or 0
+    archived = InstanceArchive.select(peewee.fn.MAX(InstanceArchive.vmid)).scalar() or 0
+    return max(FIRST_VMID - 1, live, archived) + 1
+
+
+def create_instance(**fields: Any) -> Instance:
+    try:
+        with Instance._meta.database.atomic():
+            instance = Instance.create(**fields)
+            AgentState.create(instance=instance)
+            return instance
+    except peewee.IntegrityError as exc:
+        raise VmidTaken(fields.get("vmid")) from exc
+
+
+def get_instance(instance_id: int) -> Instance | None:
+    return Instance.get_or_none(Instance.id == instance_id)
+
+
+def instance_by_vmid(vmid: int) -> Instance | None:
+    return Instance.get_or_none(Instance.vmid == vmid)
+
+
+def list_instances(owner_id: int | None) -> list[Instance]:
+    query = Instance.select().order_by(Instance.id)
+    if owner_id is not None:
+        query = query.where(Instance.owner == owner_id)
+    return list(query)
+
+
+def count_by_kind(owner_id: int, kind: str) -> int:
+    return Instance.select().where((Instance.owner == owner_id) & (Instance.kind == kind)
+                                   & (Instance.state != "failed")).count()
+
+
+def update_instance(instance_id: int, **fields: Any) -> None:
+    fields["updated_at"] = utcnow()
+    Instance.update(**fields).where(Instance.id == instance_id).execute()
+
+
+def instances_in_states(states: list[str]) -> list[Instance]:
+    return list(Instance.select().where(Instance.state.in_(states)).order_by(Instance.id))
+
+
+def claim_power_action(instance_id: int, action: str, hold_seconds: int) -> bool:
+    """Take the server's one power-action slot; False if another action holds it."""
+    now = utcnow()
+    claimed = (
+        Instance.update(power_action=action, power_until=now + timedelta(seconds=hold_seconds))
+        .where((Instance.id == instance_id)
+               & (Instance.power_action.is_null() | (Instance.power_until <= now)))
+        .execute()
+    )
+    return bool(claimed)
+
+
+def release_power_action(instance_id: int) -> None:
+    Instance.update(power_action=None, power_until=None).where(Instance.id == instance_id).execute()
+
+
+def archive_and_delete(instance_id: int, reason: str) -> InstanceArchive | None:
+    """Archive metadata from the instance's current fields (payload, engineType, allocatedPorts),
+    then delete the row and its agent state."""
+    instance = Instance.get_or_none(Instance.id == instance_id)
+    if instance is None:
+        return None
+    archive = InstanceArchive.create(
+        instance_id=instance.id, vmid=instance.vmid, owner_id=instance.owner_id, kind=instance.kind,
+        name=instance.name, engine_type=instance.engine_type, payload=instance.payload,
+        allocated_ports=instance.allocated_ports, final_state=instance.state, reason=reason,
+        created_at=instance.created_at,
+    )
+    AgentState.delete().where(AgentState.instance == instance.id).execute()
+    instance.delete_instance()
+    return archive
+
+
+def archive_orphan(vmid: int, reason: str) -> InstanceArchive:
+    """A container with no row: record that it existed and was removed."""
+    return InstanceArchive.create(vmid=vmid, reason=reason, final_state="orphan")
+
+
+def archived(vmid: int) -> list[InstanceArchive]:
+    return list(InstanceArchive.select().where(InstanceArchive.vmid == vmid).order_by(InstanceArchive.id))
+
+
+# --- normalized agent state -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PollTarget:
+    instance_id: int
+    host: str
+    port: int
+    secret: str
+
+
+@dataclass
+class PollResult:
+    instance_id: int
+    alive: bool
+    ready: bool
+    checked_at: datetime
+    error: str | None = None
+    status: dict[str, Any] | None = None
+    details: dict[str, Any] | None = None  # version / update / players at the slow cadence
+
+
+def poll_targets(states: tuple[str, ...] = ("ready", "awaiting_ready", "publishing")) -> list[PollTarget]:
+    rows = (Instance.select(Instance.id, Instance.agent_host, Instance.agent_port, Instance.agent_secret)
+            .where(Instance.state.in_(states) & Instance.agent_port.is_null(False)))
+    return [PollTarget(r.id, r.agent_host, r.agent_port, r.agent_secret) for r in rows]
+
+
+def record_polls(results: list[PollResult]) -> None:
+    """Write one batch of poll results (one transaction for the batch)."""
+    for result in results:
+        fields: dict[Any, Any] = {
+            AgentState.alive: result.alive,
+            AgentState.ready: result.ready,
+            AgentState.ready_checked_at: result.checked_at,
+            AgentState.polled_at: result.checked_at,
+            AgentState.last_error: result.error,
+        }
+        if result.alive:
+            fields[AgentState.last_seen_at] = result.checked_at
+            fields[AgentState.failures] = 0
+        else:
+            fields[AgentState.failures] = AgentState.failures + 1
+        status = result.status
+        if status is not None:
+            fields[AgentState.server_state] = status.get("state")
+            fields[AgentState.players] = status.get("players") or []
+            fields[AgentState.operations] = status.get("operations") or []
+            fields[AgentState.resources] = status.get("resources")
+            if "version" in status:
+                fields[AgentState.version] = status.get("version")
+            if "updateAvailable" in status:
+                fields[AgentState.update_available] = bool(status.get("updateAvailable"))
+        if result.details:
+            if "version" in result.details:
+                fields[AgentState.version] = result.details["version"]
+            if "updateAvailable" in result.details:
+                fields[AgentState.update_available] = bool(result.details["updateAvailable"])
+            if "players" in result.details:
+                fields[AgentState.players] = result.details["players"]
+        AgentState.update(fields).where(AgentState.instance == result.instance_id).execute()
+
+
+def server_rows(owner_id: int | None, instance_id: int | None = None) -> list[tuple[Instance, AgentState]]:
+    query = (Instance.select(Instance, AgentState).join(AgentState, peewee.JOIN.LEFT_OUTER)
+             .order_by(Instance.id))
+    if owner_id is not None:
+        query = query.where(Instance.owner == owner_id)
+    if instance_id is not None:
+        query = query.where(Instance.id == instance_id)
+    return [(row, row.agentstate) for row in query]
+
+
+def owner_email(user_id: int) -> str | None:
+    user = User.get_or_none(User.id == user_id)
+    return user.email if user else None
