@@ -29,6 +29,9 @@ async def _serve(settings: Settings) -> None:
         print(f"  health:   curl {url}/health", flush=True)
         print(f"  API docs: {url}/openapi.json", flush=True)
         print("  first admin user: make admin   (or: .venv/bin/python -m control create-admin)", flush=True)
+        if settings.demo_servers:
+            print(f"  demo login: demo@zlh.local, password in {settings.data_dir / 'demo-password'} "
+                  "(one game server and one dev container are being provisioned)", flush=True)
         print(f"  register: curl -s -X POST {url}/api/auth/register -H 'content-type: application/json' "
               "-d '{\"email\":\"me@example.com\",\"password\":\"correct horse battery\"}'\n", flush=True)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

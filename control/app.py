@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import tomllib
+from datetime import timezone
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,23 +22,32 @@ from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
 
 from gateway.agent_client import AgentClient
+from gateway.agent_transport import PooledAgentTransport
+from gateway.asgi import asgi_handler
+from gateway.console import ConsoleRelay
 from gateway.dataplane import DataRoute, FileStreams, path_router
+from gateway.ide_proxy import IDE_METHODS, IDE_PATH
 from gateway.metrics import Metrics
 from gateway.poller import Poller
 from gateway.server import FrontServer, Request
 from gateway.upstream import UpstreamPool
 from storage import users
+from storage.clock import utcnow
 from storage.db import Store, connect_database
 from storage.migrations import migrate
 
-from . import files, instances, ops, servers
+from . import billing, console, dev, environments, files, instances, ops, servers
 from .api import AccessLog, Route, install_error_handlers, make_view, openapi_document
 from .auth import routes as auth
+from . import jobs
 from .auth.tokens import TokenService
 from .config import Settings
-from .edge import NoEdge
+from .demo import ensure_demo
+from .edge import prometheus_sd
+from .edge.configured import edge_publisher
 from .providers.base import Provider
 from .providers.local import LocalProvider
+from .providers.proxmox import ProxmoxProvider
 from .provisioning import Provisioner
 from .mailer import Mailer
 from .services import Services
@@ -55,8 +65,15 @@ def control_routes() -> list[Route]:
         Route("GET", "/health", ops.health, "Liveness", auth=OPEN, tags=("ops",)),
         Route("GET", "/ready", ops.ready, "Readiness: database reachable, background services running",
               auth=OPEN, tags=("ops",)),
+        Route("GET", "/live", ops.live, "Liveness: the process answers", auth=OPEN, tags=("ops",)),
+        Route("GET", "/", ops.service_info, "What this service is, and where its APIs live", auth=OPEN,
+              tags=("ops",)),
         Route("GET", "/metrics", ops.metrics, "Prometheus metrics (text exposition)", auth=OPEN, tags=("ops",)),
         Route("GET", "/openapi.json", ops.openapi, "This document", auth=OPEN, tags=("ops",)),
+        Route("GET", "/api/edge/prometheus-sd", prometheus_sd.service_discovery,
+              "Prometheus http_sd targets: each published agent's metrics endpoint with labels "
+              "(bearer: PROMETHEUS_SD_TOKEN; 404 when not configured)", auth=OPEN,
+              response=prometheus_sd.TARGET_GROUPS_SCHEMA, tags=("edge",)),
         # Auth
         Route("POST", "/api/auth/register", auth.register, "Create an account and log in", auth=OPEN,
               body=auth.Credentials, response=auth.SESSION_SCHEMA, status=201, tags=("auth",)),
@@ -95,9 +112,22 @@ def control_routes() -> list[Route]:
               tags=("servers",)),
         Route("POST", "/api/servers/<int:server_id>/console/command", servers.console_command,
               "Send one console command", body=servers.ConsoleCommand, tags=("servers",)),
+        Route("POST", "/api/servers/<int:server_id>/console/token", console.console_token,
+              "A short-lived console token for the websocket console (bound to this user and server)",
+              response=console.TOKEN_SCHEMA, tags=("console",)),
+        Route("GET", "/api/servers/<int:server_id>/console", None,
+              "Websocket console. First frame {type: auth, token, since?}; then agent frames "
+              "{type: line, seq, ts, data} and client frames {type: command, command}. Close codes: 4001 auth, "
+              "4004 not found, 4008 policy/rate, 4009 capacity, 4010 revoked/suspended, 1009 too big, "
+              "1011 agent unavailable, 1001 going away.", auth=None, data_plane=True, status=101,
+              tags=("console",)),
         *file_routes(),
         *backup_and_mod_routes(),
         # Resource families: each module lists its own routes; they are mounted here, in this order.
+        *dev.dev_routes(),
+        *environments.routes(),
+        *jobs.routes(),
+        *billing.routes(),
     ]
 
 
@@ -183,7 +213,13 @@ def backup_and_mod_routes() -> list[Route]:
 def background_services(services: Services) -> list[Callable[..., Any]]:
     """Every background service of this process: `async def run(*, task_status)` callables, each
     started in the lifespan nursery of run_gateway (so each has an owner and stops with the app)."""
-    return [services.provisioner.run, services.poller.run]
+    return [services.provisioner.run, services.poller.run,
+            *([services.edge_outbox.run] if services.edge_outbox is not None else []),
+            billing.BillingScheduler(services.billing, services.mailer, services.settings.billing_interval,
+                                     services.running).run,
+            *jobs.background_services(services),
+            services.ide_activity.run,
+            services.environments.run]
 
 
 FILES_PREFIX = r"^/api/(?:game/)?servers/(?P<id>\d+)/files/"
@@ -192,6 +228,7 @@ FILES_PREFIX = r"^/api/(?:game/)?servers/(?P<id>\d+)/files/"
 def data_plane_router(services: Services) -> Callable[[Request], Any]:
     """The routes gateway/ serves natively, with the rules they need handed in."""
     streams = FileStreams(services.upstream, files.stream_authorizer(services), services.metrics)
+    ide = dev.ide_proxy(services)
     routes = [
         DataRoute(frozenset({"GET"}), re.compile(FILES_PREFIX + "download$"), streams.download, "files.download"),
         DataRoute(frozenset({"PUT", "POST"}), re.compile(FILES_PREFIX + "upload$"), streams.upload, "files.upload"),
@@ -200,14 +237,19 @@ def data_plane_router(services: Services) -> Callable[[Request], Any]:
         DataRoute(frozenset({"GET"}),
                   re.compile(r"^/api/game/servers/(?P<id>\d+)/backups/(?P<backup>[A-Za-z0-9_.-]{1,128})/download$"),
                   streams.backup_download, "backups.download"),
+        DataRoute(frozenset({"GET"}), re.compile(r"^/api/servers/(?P<id>\d+)/console$"), services.consoles.handle,
+                  "console", websocket=True),
+        DataRoute(IDE_METHODS, IDE_PATH, ide.handle_path, "ide.path"),
     ]
-    return path_router(routes)
+    return path_router(routes, host_route=ide.host_route)
 
 
-def build_provider(settings: Settings) -> Provider:
+def build_provider(settings: Settings, store: Store) -> Provider:
     if settings.provider == "local":
         return LocalProvider(settings.data_dir, agent_args=settings.local_agent_args,
                              stop_agents_on_exit=settings.local_stop_agents_on_exit)
+    if settings.provider == "proxmox":
+        return ProxmoxProvider(settings, store)
     raise ValueError(f"unknown provider {settings.provider!r}")
 
 
@@ -269,24 +311,35 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
             mailer=Mailer(settings.data_dir / "outbox"),
         )
         services.agents = AgentClient(
-            httpx.AsyncClient(limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256)),
+            httpx.AsyncClient(transport=PooledAgentTransport(UpstreamPool(connect_timeout=settings.agent_timeout))),
             timeout=settings.agent_timeout)
-        services.provisioner = Provisioner(store, build_provider(settings), NoEdge(), services.agents,
+        services.edge, services.edge_outbox = edge_publisher(settings, store)
+        services.provisioner = Provisioner(store, build_provider(settings, store), services.edge, services.agents,
                                            ready_timeout=settings.ready_timeout)
         services.upstream = UpstreamPool()
+        services.consoles = ConsoleRelay(console.console_authorizer(services), console.console_still_allowed(services),
+                                         metrics, clock=lambda: utcnow().replace(tzinfo=timezone.utc).timestamp(),
+                                         limits=settings.console_limits)
         services.poller = Poller(store, services.agents, metrics, interval=settings.poll_interval)
+        services.ide_activity = dev.IdeActivityRecorder(store, interval=settings.ide_activity_interval)
+        services.environments = environments.EnvironmentService(services)
+        services.billing = billing.Billing.from_settings(settings, store, services.extra)
+        services.extra["suspend_servers"] = servers.server_suspender(services)
         routes = control_routes()
         services.extra["openapi"] = openapi_document(routes, "ZLH gateway", "0.1.0")
         app = create_app(services, routes)
         config = hypercorn_config(settings)
-        wrapped = wrap_app(AccessLog(app, services), config.wsgi_max_body_size, "asgi")
+        logged_app = AccessLog(app, services)
+        wrapped = wrap_app(logged_app, config.wsgi_max_body_size, "asgi")
         async with trio.open_nursery() as nursery:
             lifespan = Lifespan(wrapped, config, {})
             await nursery.start(lifespan.handle_lifespan)
             await lifespan.wait_for_startup()
             for service in background_services(services):
                 await nursery.start(service)
-            front = FrontServer(data_plane_router(services), wrapped, config, metrics)
+            if settings.demo_servers:
+                await ensure_demo(services)
+            front = FrontServer(data_plane_router(services), asgi_handler(logged_app), config, metrics)
             async with trio.open_nursery() as server:
                 binds = await server.start(front.serve, shutdown)
                 services.running.add("server")

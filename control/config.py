@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from gateway.console import ConsoleLimits
+
 DEFAULT_PLANS: list[dict[str, Any]] = [
     {"name": "free", "max_game_servers": 1, "max_dev_servers": 1, "max_cpu_cores": 2,
      "max_memory_mb": 4096, "max_disk_gb": 20, "max_upload_bytes": 5 * 1024**3, "stripe_price_id": None},
@@ -16,7 +18,8 @@ DEFAULT_PLANS: list[dict[str, Any]] = [
      "max_memory_mb": 32768, "max_disk_gb": 200, "max_upload_bytes": 50 * 1024**3, "stripe_price_id": None},
 ]
 
-_SECRET_FIELDS = {"jwt_secret", "proxmox_token_secret", "pdns_api_key", "prometheus_sd_token"}
+_SECRET_FIELDS = {"jwt_secret", "proxmox_token_secret", "pdns_api_key", "prometheus_sd_token",
+                  "stripe_secret_key", "stripe_webhook_secret"}
 
 
 class ConfigError(Exception):
@@ -42,6 +45,14 @@ class Settings:
     ide_domain: str = "ide.localhost"
     dev_ide_return_hosted_url: bool = False
     ide_cookie_secure: bool | None = None
+    ide_session_ttl: int = 12 * 3600  # the IDE cookie's session, once a link token was traded
+    ide_activity_interval: float = 5.0  # seconds between writes of IDE activity (idle auto-stop)
+    # Dev environments API v1 (control/environments.py): stop a RUNNING environment after this many
+    # seconds without activity (0 turns idle auto-stop off), checked every interval; a start/stop/delete
+    # request waits this long for its operation before answering "in progress".
+    environment_idle_timeout: float = 1800.0
+    environment_idle_check_interval: float = 30.0
+    environment_action_wait: float = 45.0
     provider: str = "local"
     poll_interval: float = 5.0
     agent_timeout: float = 3.0
@@ -96,6 +107,17 @@ class Settings:
     ready_timeout: float = 120.0
     local_agent_args: list[str] = field(default_factory=list)
     local_stop_agents_on_exit: bool = False
+    console_limits: ConsoleLimits = field(default_factory=ConsoleLimits)
+    # Billing (control/billing/): empty STRIPE_SECRET_KEY means billing is not configured.
+    stripe_secret_key: str = ""
+    stripe_webhook_secret: str = ""
+    stripe_api_base: str = ""  # empty: Stripe itself
+    stripe_timeout: float = 10.0
+    stripe_webhook_tolerance: int = 300  # seconds a signed webhook stays acceptable
+    billing_grace_period: int = 7 * 24 * 3600  # after a failed payment, before the plan lapses
+    billing_renewal_notice: int = 3 * 24 * 3600  # how long before a renewal / period end to remind
+    billing_interval: float = 300.0  # scheduler: seconds between reconcile + reminder rounds
+    billing_return_url: str = ""  # where Checkout and the portal send the user back (default PUBLIC_URL/billing)
 
     def __repr__(self) -> str:
         shown = {f.name: ("[redacted]" if f.name in _SECRET_FIELDS else getattr(self, f.name)) for f in fields(self)}
@@ -113,12 +135,37 @@ class Settings:
         s.dev_ide_return_hosted_url = _flag(env.get("DEV_IDE_RETURN_HOSTED_URL"))
         if "IDE_COOKIE_SECURE" in env:
             s.ide_cookie_secure = _flag(env["IDE_COOKIE_SECURE"])
+        if env.get("IDE_SESSION_TTL"):
+            s.ide_session_ttl = int(env["IDE_SESSION_TTL"])
+        for key, attr in (("ENVIRONMENT_IDLE_TIMEOUT", "environment_idle_timeout"),
+                          ("ENVIRONMENT_IDLE_CHECK_INTERVAL", "environment_idle_check_interval"),
+                          ("ENVIRONMENT_ACTION_WAIT", "environment_action_wait")):
+            if env.get(key):
+                setattr(s, attr, float(env[key]))
         s.provider = env.get("ZLH_PROVIDER", s.provider)
         s.poll_interval = float(env.get("ZLH_POLL_INTERVAL", s.poll_interval))
         s.hypercorn_config = Path(env.get("ZLH_HYPERCORN_CONFIG", str(s.hypercorn_config)))
         if env.get("ZLH_BIND"):
             s.bind = [b.strip() for b in env["ZLH_BIND"].split(",") if b.strip()]
         s.log_level = env.get("ZLH_LOG_LEVEL", s.log_level)
+        s.stripe_secret_key = env.get("STRIPE_SECRET_KEY", "")
+        s.stripe_webhook_secret = env.get("STRIPE_WEBHOOK_SECRET", "")
+        s.stripe_api_base = env.get("STRIPE_API_BASE", "")
+        s.billing_return_url = env.get("BILLING_RETURN_URL", "")
+        for key, attr in (("BILLING_GRACE_PERIOD", "billing_grace_period"),
+                          ("BILLING_RENEWAL_NOTICE", "billing_renewal_notice")):
+            if env.get(key):
+                setattr(s, attr, int(env[key]))
+        if env.get("BILLING_INTERVAL"):
+            s.billing_interval = float(env["BILLING_INTERVAL"])
+        for plan in s.plans:  # STRIPE_PRICE_PRO=price_… sets the Stripe price of plan "pro"
+            price = env.get(f"STRIPE_PRICE_{plan['name'].upper()}")
+            if price:
+                plan["stripe_price_id"] = price
+        s.demo_servers = _flag(env.get("ZLH_DEMO"))
+        if env.get("ZLH_CONSOLE_COMMANDS_PER_SECOND"):
+            rate = float(env["ZLH_CONSOLE_COMMANDS_PER_SECOND"])
+            s.console_limits = ConsoleLimits(commands_per_second=rate, command_burst=max(1, int(rate * 4)))
         if env.get("ZLH_SCRYPT_N"):
             s.scrypt_n = int(env["ZLH_SCRYPT_N"])
         s.job_lease_ttl = float(env.get("ZLH_JOB_LEASE_TTL", s.job_lease_ttl))
@@ -162,7 +209,8 @@ def _edge_from_env(s: Settings, env: dict[str, str]) -> None:
     for name in ("proxmox_swap_mb", "proxmox_agent_port", "proxmox_ide_port", "dns_ttl"):
         if name.upper() in env:
             setattr(s, name, int(env[name.upper()]))
-    for name in ("proxmox_timeout", "proxmox_task_timeout", "edge_retry_base", "edge_retry_max"):
+    for name in ("proxmox_timeout", "proxmox_task_timeout", "edge_retry_base", "edge_retry_max",
+                 "edge_call_timeout"):
         if name.upper() in env:
             setattr(s, name, float(env[name.upper()]))
     if "PROXMOX_VERIFY_SSL" in env:

@@ -16,6 +16,7 @@ from .access import may_access
 from .api import Body, Ctx
 from .lifecycle import InstanceState
 from .provisioning import Provisioner, new_agent_secret
+from .services import Services
 
 Name = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]*$")]
 EngineType = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
@@ -94,13 +95,17 @@ def check_plan_limits(user: Any, plan: Any, body: CreateInstance, counts: dict[s
 
 
 async def create_instance(ctx: Ctx) -> tuple[dict[str, Any], int]:
-    body: CreateInstance = ctx.body
-    settings = ctx.services.settings
+    instance = await provision_instance(ctx.services, ctx.me.id, ctx.body)
+    return instance_json(instance), 202
+
+
+async def provision_instance(services: Services, user_id: int, body: CreateInstance) -> Any:
+    """Check the plan, record the instance (reserved) and hand it to the Provisioner."""
     payload = body.payload.model_dump(by_alias=True)
     secret = new_agent_secret()
 
     def record() -> Any:
-        user = users.user_by_id(ctx.me.id)
+        user = users.user_by_id(user_id)
         if user is None:
             raise ApiError(401, "UNAUTHORIZED")
         plan = users.plan_by_name(user.plan)
@@ -111,7 +116,7 @@ async def create_instance(ctx: Ctx) -> tuple[dict[str, Any], int]:
                 instance = store_instances.create_instance(
                     vmid=store_instances.next_free_vmid(), owner=user.id, kind=body.kind, name=body.name,
                     engine_type=body.engine_type, payload=payload, allocated_ports=list(body.payload.ports),
-                    provider=settings.provider, agent_secret=secret, state=InstanceState.RESERVED.value,
+                    provider=services.settings.provider, agent_secret=secret, state=InstanceState.RESERVED.value,
                 )
                 break
             except store_instances.VmidTaken:
@@ -121,9 +126,9 @@ async def create_instance(ctx: Ctx) -> tuple[dict[str, Any], int]:
         users.audit("instance.create", user.id, f"instance:{instance.id}", kind=body.kind)
         return instance
 
-    instance = await ctx.services.store.run(record)
-    provisioner(ctx).submit(instance.id)
-    return instance_json(instance), 202
+    instance = await services.store.run(record)
+    services.provisioner.submit(instance.id)
+    return instance
 
 
 async def delete_container(ctx: Ctx, vmid: int) -> dict[str, Any]:

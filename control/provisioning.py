@@ -92,8 +92,11 @@ class Provisioner:
         with scope:
             try:
                 await self.provision(instance_id)
-            except Exception:
+            except Exception as exc:
                 log.exception("provisioning %s crashed", instance_id)
+                instance = await self.store.run(store_instances.get_instance, instance_id)
+                if instance is not None and instance.state in {s.value for s in PROVISIONING}:
+                    await self._fail(instance, f"internal error: {type(exc).__name__}")
         if self._scopes.get(instance_id) is scope:
             del self._scopes[instance_id]
 

@@ -4,6 +4,7 @@ at a time per server) and console commands."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -11,11 +12,12 @@ import pydantic
 
 from gateway.agent_client import forward_agent_result
 from gateway.errors import ApiError
-from storage import instances as store_instances
+from storage import billing as store_billing, instances as store_instances, users
 from storage.clock import isoformat, utcnow
 
 from .access import agent_target, owned_instance
 from .api import Body, Ctx
+from .services import Services
 from .lifecycle import InstanceState
 
 POWER_HOLD_SECONDS = 60
@@ -90,6 +92,8 @@ async def ready_instance(ctx: Ctx, server_id: int) -> Any:
 async def _power(ctx: Ctx, server_id: int, action: str) -> tuple[Any, int]:
     instance = await ready_instance(ctx, server_id)
     store = ctx.services.store
+    if action != "stop" and await store.run(store_billing.is_suspended, instance.id):
+        raise ApiError(403, "SERVER_SUSPENDED", {"id": server_id, "reason": "billing"})
     if not await store.run(store_instances.claim_power_action, instance.id, action, POWER_HOLD_SECONDS):
         raise ApiError(409, "POWER_ACTION_IN_PROGRESS", {"id": server_id})
     try:
@@ -116,3 +120,22 @@ async def console_command(ctx: Ctx, server_id: int) -> tuple[Any, int]:
     result = await ctx.services.agents.call(agent_target(instance), "POST", "/console/command",
                                             json_body={"command": ctx.body.command})
     return forward_agent_result(result)
+
+
+def server_suspender(services: Services) -> Callable[[int, list[int], str], Awaitable[None]]:
+    """The billing scheduler's hook: stop each server and close its consoles with the suspension
+    close code. Nothing is deleted; a suspended server cannot be started until the plan covers it."""
+
+    async def suspend_servers(user_id: int, instance_ids: list[int], reason: str) -> None:
+        for instance_id in instance_ids:
+            instance = await services.store.run(store_instances.get_instance, instance_id)
+            if instance is None or instance.state != InstanceState.READY.value:
+                continue
+            services.consoles.disconnect_instance(instance_id)
+            result = await services.agents.call(agent_target(instance), "POST", "/stop", timeout=30)
+            if not result.ok and result.status != 409:  # 409: already stopped
+                raise RuntimeError(f"could not stop server {instance_id}: {result.status} {result.error}")
+            await services.store.run(users.audit, "server.suspended", None, f"instance:{instance_id}",
+                                     owner=user_id, reason=reason)
+
+    return suspend_servers

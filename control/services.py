@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,13 @@ class Services:
     agents: Any = None  # gateway.agent_client.AgentClient
     provisioner: Any = None  # control.provisioning.Provisioner
     poller: Any = None  # gateway.poller.Poller
+    billing: Any = None  # control.billing.Billing
     upstream: Any = None  # gateway.upstream.UpstreamPool (data-plane streams)
+    consoles: Any = None  # gateway.console.ConsoleRelay
+    ide_activity: Any = None  # control.dev.IdeActivityRecorder
+    environments: Any = None  # control.environments.EnvironmentService (dev environments API v1)
+    edge: Any = None  # control.edge.EdgePublisher (NoEdge unless edge publishing is configured)
+    edge_outbox: Any = None  # control.edge.outbox.Outbox, the publishing worker (None with NoEdge)
     running: set[str] = field(default_factory=set)  # background services that are up, for /ready
+    started: float = field(default_factory=time.monotonic)  # when this process assembled them (uptime)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -1,12 +1,14 @@
 """The front server: one listener for everything, speaking HTTP/1.1 with h11.
 
-Theory of operation. Every connection starts here. We read one request head and ask the data-plane
-router whether it owns that route (file streams, backup downloads, the console websocket, the IDE
-proxy). If it does, the request is served right here: bodies flow chunk by chunk in both directions
-with TCP backpressure and nothing is ever held whole. If it does not, the connection, together with
-every byte already read from it, is handed to Hypercorn, which serves it to the Quart-Trio control app
-for the rest of its life. Measured on this machine a raw trio+h11 path moves ~4x the small requests
-and ~1.4x the bulk bytes of Hypercorn, while Quart is the right tool for the JSON control API.
+Theory of operation. Every request head is read here and offered to the data-plane router. If it
+owns the route (file and backup streams, the console websocket, the IDE proxy), the request is served
+right here: bodies flow chunk by chunk with TCP backpressure and nothing is ever held whole. Every
+other request is passed, as an ASGI http request, to the Quart-Trio control app (gateway/asgi.py);
+the next request on the same keep-alive connection is routed afresh. Hypercorn contributes its
+configuration (hypercorn.toml: binds, keep-alive, timeouts) and the app's lifespan. Measured on this
+machine a raw trio+h11 path serves ~4x the small requests of Hypercorn and moves ~1.4x the bulk bytes;
+handing whole connections to Hypercorn was tried and fails, because clients reuse a keep-alive
+connection for both kinds of request.
 
 Never buffer a body here, never let a handler's failure escape its connection, and never leave a
 socket without a timeout on the read that waits for the client.
@@ -26,8 +28,6 @@ from urllib.parse import unquote
 import h11
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio.tcp_server import TCPServer
-from hypercorn.trio.worker_context import WorkerContext
 
 from .errors import ApiError, envelope_bytes
 from .logs import log_request
@@ -79,6 +79,7 @@ class Exchange:
     route: str = "data-plane"
     status: int = 0
     upgraded: bool = False
+    raw: bytes = b""  # every byte read for this request so far (head included), for protocol switches
     _body_done: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -128,17 +129,24 @@ class Exchange:
     async def respond_error(self, error: ApiError) -> None:
         await self.respond(error.status, envelope_bytes(error.code, error.details), headers=error.headers.items())
 
-    async def take_over(self) -> tuple[trio.abc.Stream, bytes]:
-        """For protocol switches: the raw stream plus any bytes already read past the request head.
-        After this the connection is the caller's."""
+    def take_over(self) -> tuple[trio.SocketStream, bytes]:
+        """For protocol switches: the raw socket plus any bytes already read past the request head.
+        After this the connection is the caller's (the front server closes it when the handler ends)."""
         self.upgraded = True
         trailing, _closed = self._conn.trailing_data
-        return self._stream, bytes(trailing)
+        return self._stream, bytes(trailing)  # type: ignore[return-value]
+
+    def take_over_replayed(self) -> trio.abc.HalfCloseableStream:
+        """For libraries that parse the handshake themselves: the socket as the client sent it,
+        request head included."""
+        self.upgraded = True
+        return ReplayStream(self._stream, self.raw)  # type: ignore[arg-type]
 
     async def _send(self, event: Any) -> None:
         try:
             for piece in self._conn.send_with_data_passthrough(event) or ():
-                await self._stream.send_all(piece)
+                if piece:
+                    await self._stream.send_all(piece)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ClientGone() from exc
 
@@ -147,8 +155,8 @@ Handler = Callable[[Exchange, dict[str, str]], Awaitable[None]]
 Router = Callable[[Request], tuple[Handler, dict[str, str], str] | None]
 
 
-class _ReplayStream(trio.abc.HalfCloseableStream):
-    """A socket stream that first gives back bytes we already read, so Hypercorn sees the
+class ReplayStream(trio.abc.HalfCloseableStream):
+    """A socket stream that first gives back bytes we already read, so a protocol library sees the
     connection exactly as the client sent it."""
 
     def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
@@ -180,10 +188,9 @@ class FrontServer:
     """Serves the data plane natively and hands every other connection to Hypercorn."""
 
     router: Router
-    asgi_app: Any
+    control: Handler  # serves every request the data plane does not own (gateway/asgi.py)
     hypercorn: HypercornConfig
     metrics: Metrics
-    _context: WorkerContext = field(default_factory=lambda: WorkerContext(None))
     _idle: set[trio.CancelScope] = field(default_factory=set)
     _closing: bool = False
 
@@ -209,7 +216,6 @@ class FrontServer:
             self._closing = True
             for scope in list(self._idle):
                 scope.cancel()
-            await self._context.terminated.set()
             connections.cancel_scope.deadline = trio.current_time() + self.hypercorn.graceful_timeout
 
     async def _connection(self, stream: trio.SocketStream) -> None:
@@ -221,10 +227,13 @@ class FrontServer:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         try:
             await self._serve_exchanges(stream, conn, client)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ClientGone, trio.TooSlowError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ClientGone, trio.TooSlowError,
+                h11.ProtocolError):
             pass
-        except h11.RemoteProtocolError:
-            pass
+        except Exception:
+            # A failure after the response head went out: the only honest signal left is to drop
+            # the connection, so the client sees a broken body rather than a short "complete" one.
+            log.warning("connection from %s aborted mid-response", client, exc_info=True)
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
@@ -247,11 +256,8 @@ class FrontServer:
                 return
             request = _request_from(event, client)
             match = self.router(request)
-            if match is None:
-                await self._hand_to_hypercorn(stream, bytes(seen))
-                return
-            handler, params, route = match
-            exchange = Exchange(request, conn, stream, route=route)
+            handler, params, route = match if match is not None else (self.control, {}, "control")
+            exchange = Exchange(request, conn, stream, route=route, raw=bytes(seen))
             started = time.perf_counter()
             try:
                 await handler(exchange, params)
@@ -263,19 +269,19 @@ class FrontServer:
                 exchange.status = exchange.status or 499
                 raise
             except Exception:
-                log.exception("data-plane handler failed on %s", route)
                 if exchange.headers_sent:
                     raise
+                log.exception("data-plane handler failed on %s", route)
                 await exchange.respond_error(ApiError(500))
             finally:
-                duration = time.perf_counter() - started
-                self.metrics.observe_request(route, request.method, exchange.status or 499, duration)
-                log_request(request.method, request.path, request.query, exchange.status or 499, duration,
-                            client, route)
+                if match is not None:  # the control app logs and counts its own requests
+                    duration = time.perf_counter() - started
+                    self.metrics.observe_request(route, request.method, exchange.status or 499, duration)
+                    log_request(request.method, request.path, request.query, exchange.status or 499, duration,
+                                client, route)
             if exchange.upgraded or conn.our_state is h11.MUST_CLOSE:
                 return
-            if conn.their_state is h11.SEND_BODY:
-                # The handler answered without reading the body (an early error): do not reuse.
+            if conn.their_state is h11.SEND_BODY and not await _discard_rest_of_body(stream, conn):
                 return
             try:
                 conn.start_next_cycle()
@@ -303,9 +309,29 @@ class FrontServer:
                     return event
                 return None
 
-    async def _hand_to_hypercorn(self, stream: trio.SocketStream, seen: bytes) -> None:
-        server = TCPServer(self.asgi_app, self.hypercorn, self._context, {}, _ReplayStream(stream, seen))
-        await server.run()
+
+async def _discard_rest_of_body(stream: trio.SocketStream, conn: h11.Connection,
+                                limit: int = 256 * 1024, timeout: float = 2.0) -> bool:
+    """After an answer that did not need the request body (a GET's empty body, an early error), read
+    what is left of it so the connection can be reused; give up (and close) past a small limit."""
+    drained = 0
+    with trio.move_on_after(timeout):
+        while True:
+            event = conn.next_event()
+            if isinstance(event, h11.EndOfMessage):
+                return True
+            if isinstance(event, h11.Data):
+                drained += len(event.data)
+            elif event is h11.NEED_DATA:
+                if drained > limit:
+                    return False
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    return False
+                conn.receive_data(data)
+            else:
+                return False
+    return False
 
 
 async def _reject(stream: trio.SocketStream, conn: h11.Connection, exc: h11.RemoteProtocolError) -> None:

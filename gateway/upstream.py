@@ -102,7 +102,18 @@ class _Connection:
     async def send(self, event: object) -> None:
         try:
             for piece in self.h11.send_with_data_passthrough(event) or ():
-                await self.stream.send_all(piece)
+                if piece:
+                    await self.stream.send_all(piece)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise UpstreamBroken(str(exc)) from exc
+
+    async def send_whole(self, head: h11.Request, body: bytes | bytearray | None) -> None:
+        parts = [self.h11.send(head) or b""]
+        if body:
+            parts.append(self.h11.send(h11.Data(data=body)) or b"")
+        parts.append(self.h11.send(h11.EndOfMessage()) or b"")
+        try:
+            await self.stream.send_all(b"".join(parts))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise UpstreamBroken(str(exc)) from exc
 
@@ -149,15 +160,15 @@ class UpstreamPool:
         try:
             if not any(k == b"host" for k, _ in headers):
                 headers = [(b"host", f"{host}:{port}".encode()), *headers]
-            await connection.send(h11.Request(method=method, target=target, headers=headers))
-            if isinstance(body, (bytes, bytearray)):
-                if body:
-                    await connection.send(h11.Data(data=body))
-            elif body is not None:
+            if body is None or isinstance(body, (bytes, bytearray)):
+                # A small request goes out in one write: head, body and end together.
+                await connection.send_whole(h11.Request(method=method, target=target, headers=headers), body)
+            else:
+                await connection.send(h11.Request(method=method, target=target, headers=headers))
                 async for chunk in body:
                     if chunk:
                         await connection.send(h11.Data(data=chunk))
-            await connection.send(h11.EndOfMessage())
+                await connection.send(h11.EndOfMessage())
             response = await self._read_head(connection)
             yield response
         except h11.ProtocolError as exc:

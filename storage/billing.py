@@ -117,7 +117,7 @@ def link_customer(user_id: int, customer_id: str) -> str:
     ensure_account(user_id)
     (BillingAccount.update(customer_id=customer_id, updated_at=utcnow())
      .where((BillingAccount.user == user_id) & BillingAccount.customer_id.is_null()).execute())
-    return BillingAccount.get(BillingAccount.user == user_id).customer_id
+    return str(BillingAccount.get(BillingAccount.user == user_id).customer_id)
 
 
 def mirror_of(row: BillingAccount) -> SubscriptionMirror:

@@ -72,13 +72,17 @@ class Store:
         self.limiter = trio.CapacityLimiter(threads)
         database.initialize(db)
 
-    async def run(self, work: Callable[..., T], *args: Any) -> T:
-        """Run `work(*args)` in one transaction on a worker thread and return its result."""
+    async def run(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `work(*args, **kwargs)` in one transaction on a worker thread and return its result."""
+
+        # SQLite: take the write lock up front (BEGIN IMMEDIATE), so two read-then-write units wait
+        # for each other (busy_timeout) instead of failing with "database is locked" on upgrade.
+        begin = ("IMMEDIATE",) if isinstance(self.db, peewee.SqliteDatabase) else ()
 
         def unit() -> T:
             with self.db.connection_context():
-                with self.db.atomic():
-                    return work(*args)
+                with self.db.atomic(*begin):
+                    return work(*args, **kwargs)
 
         return await trio.to_thread.run_sync(unit, limiter=self.limiter)
 

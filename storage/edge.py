@@ -39,6 +39,7 @@ class EdgeEntry(BaseModel):
 
 
 class EdgeOutbox(BaseModel):
+    id = peewee.AutoField()
     target = peewee.CharField(max_length=32)  # dns | velocity
     key = peewee.CharField(max_length=128)  # instance:<id>, or one key for a whole rendered file
     action = peewee.CharField(max_length=16)  # publish | unpublish
@@ -72,6 +73,9 @@ def reserve_vmid(request_key: str, floor: int, skip: frozenset[int] = frozenset(
     """The VMID held for `request_key`, or the lowest free one ≥ `floor` not in `skip`, now held.
     A concurrent reservation of the same VMID loses on the primary key and moves on to the next."""
     db = VmidReservation._meta.database
+    # Write first: on SQLite the first write takes the write lock, so concurrent reservations wait
+    # their turn (busy_timeout) instead of failing to upgrade a read lock ("database is locked").
+    VmidReservation.update(reserved_at=utcnow()).where(VmidReservation.request_key == request_key).execute()
     candidate = floor
     for _ in range(MAX_RESERVATION_TRIES):
         held = vmid_for_request(request_key)
@@ -160,8 +164,8 @@ def record_unpublication(instance_id: int, fallback: dict[str, Any],
     """Forget the instance and enqueue the changes `changes_for(record)` names for what was published
     (or for `fallback` if nothing was); returns that record."""
     now = utcnow()
-    record = published_record(instance_id) or fallback
-    EdgeEntry.delete().where(EdgeEntry.instance_id == instance_id).execute()
+    gone = list(EdgeEntry.delete().where(EdgeEntry.instance_id == instance_id).returning(EdgeEntry.record).execute())
+    record = gone[0].record if gone else fallback
     for change in changes_for(record):
         _enqueue(change, now)
     return record
@@ -170,7 +174,9 @@ def record_unpublication(instance_id: int, fallback: dict[str, Any],
 def claim_due(lease_seconds: float, limit: int, keys: list[tuple[str, str]] | None = None) -> list[ClaimedChange]:
     """Lease up to `limit` due, unclaimed rows (only those named by `keys`, if given)."""
     now = utcnow()
-    free = EdgeOutbox.claimed_until.is_null() | (EdgeOutbox.claimed_until < now)
+    # Releasing lapsed leases is also the first write (see reserve_vmid on SQLite write locks).
+    EdgeOutbox.update(claimed_until=None).where(EdgeOutbox.claimed_until < now).execute()
+    free = EdgeOutbox.claimed_until.is_null()
     query = EdgeOutbox.select().where((EdgeOutbox.due_at <= now) & free)
     if keys is not None:
         if not keys:

@@ -298,6 +298,15 @@ def expire_leases(now: datetime, *, live_states: Iterable[str], requeue_to: str,
     return requeued, failed
 
 
+def reaping_due(now: datetime, *, live_states: Iterable[str], waiting: str, upstream_failed: Iterable[str]) -> bool:
+    """Whether a reaper pass has anything to do: a read, so an idle pass never takes SQLite's write
+    lock (even an UPDATE that matches nothing would, and would break other units' read snapshots)."""
+    lapsed = Job.select(Job.id).where(Job.status.in_(list(live_states)) & (Job.lease_expires_at < now))
+    dead_upstream = Job.select(Job.id).where(Job.status.in_(list(upstream_failed)))
+    blocked = Job.select(Job.id).where((Job.status == waiting) & Job.depends_on.in_(dead_upstream))
+    return lapsed.exists() or blocked.exists()
+
+
 def fail_blocked_jobs(now: datetime, *, waiting: str, upstream_failed: Iterable[str], fail_to: str,
                       error: str, note: str) -> int:
     """Queued jobs whose upstream job ended without success can never run: fail them."""
@@ -311,12 +320,20 @@ def clear_queue(queued: str, to_state: str, now: datetime, error: str) -> int:
     return Job.update(status=to_state, error=error, finished_at=now).where(Job.status == queued).execute()
 
 
+def _awaited(terminal: list[str]) -> Any:
+    """Jobs an unfinished chain job depends on: kept until it has finished too."""
+    return Job.select(Job.depends_on).where(Job.depends_on.is_null(False) & Job.status.not_in(terminal))
+
+
 def delete_job(job_id: int, terminal: Iterable[str]) -> bool:
-    return Job.delete().where((Job.id == job_id) & Job.status.in_(list(terminal))).execute() == 1
+    finished = list(terminal)
+    return Job.delete().where((Job.id == job_id) & Job.status.in_(finished)
+                              & Job.id.not_in(_awaited(finished))).execute() == 1
 
 
 def flush_history(terminal: Iterable[str]) -> list[int]:
-    ids = [row.id for row in Job.select(Job.id).where(Job.status.in_(list(terminal)))]
+    finished = list(terminal)
+    ids = [row.id for row in Job.select(Job.id).where(Job.status.in_(finished) & Job.id.not_in(_awaited(finished)))]
     if ids:
         Job.delete().where(Job.id.in_(ids)).execute()
     return ids

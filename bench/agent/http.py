@@ -20,21 +20,24 @@ import struct
 import sys
 import traceback
 import urllib.parse
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence, Union
+from typing import Any
 
 import h11
 import trio
 from wsproto.utilities import generate_accept_token
 
-from bench.agent.websocket import WebSocket
+from bench.agent.websocket import INTERNAL_ERROR, WebSocket, WebSocketClosed
 
 RECEIVE_CHUNK = 1 << 20
 SENDFILE_CHUNK = 8 << 20
 MAX_HEADER_BYTES = 64 << 10
 MAX_JSON_BODY = 8 << 20
-# A response is sent before an unread request body only when the rest is small enough to drain.
+# An unread request body up to this size is read and dropped so the connection can be reused.
 DRAIN_LIMIT = 256 << 10
+# Response bodies up to this size leave in one send together with the head.
+INLINE_BODY_LIMIT = 256 << 10
 DRAIN_SECONDS = 2.0
 LINGER_SECONDS = 1.0
 
@@ -104,6 +107,13 @@ def json_response(
     return Response(status, [("content-type", "application/json"), *headers], body)
 
 
+def decode_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, "BAD_REQUEST", {"reason": f"invalid JSON: {exc}"}) from exc
+
+
 def error_response(
     status: int, code: str, details: Any = None, headers: Sequence[tuple[str, str]] = ()
 ) -> Response:
@@ -118,7 +128,7 @@ class WebsocketUpgrade:
     subprotocol: str | None = None
 
 
-Outcome = Union[Response, WebsocketUpgrade]
+Outcome = Response | WebsocketUpgrade
 Handler = Callable[["Request"], Awaitable[Outcome]]
 
 
@@ -164,6 +174,20 @@ class Request:
                 raise ClientDisconnected(f"unexpected {type(event).__name__}")
         return None
 
+    async def wait_for_disconnect(self) -> None:
+        """Hold the request until the client goes away (for hung-agent simulation).
+
+        Whatever the client sends meanwhile is dropped; raises `ClientDisconnected` at the end so
+        the connection is closed, never reused.
+        """
+        stream = self._session.stream
+        try:
+            while await stream.receive_some(RECEIVE_CHUNK):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        raise ClientDisconnected("client gave up")
+
     async def receive_body(self, limit: int) -> bytes:
         """The whole body, refused with 413 past `limit` bytes (for small JSON bodies only)."""
         parts = bytearray()
@@ -172,13 +196,6 @@ class Request:
             if len(parts) > limit:
                 raise ApiError(413, "PAYLOAD_TOO_LARGE", {"limit": limit})
         return bytes(parts)
-
-    async def receive_json(self, limit: int = MAX_JSON_BODY) -> Any:
-        body = await self.receive_body(limit)
-        try:
-            return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ApiError(400, "BAD_REQUEST", {"reason": f"invalid JSON: {exc}"}) from exc
 
 
 class _Session:
@@ -235,7 +252,7 @@ class _Session:
             return None
         except ClientDisconnected:
             raise
-        except Exception:
+        except Exception:  # noqa: BLE001 - a handler bug is a 500, not a dead connection task
             traceback.print_exc(file=sys.stderr)
             return error_response(500, "INTERNAL", None)
 
@@ -246,16 +263,20 @@ class _Session:
         if closing:
             await self.linger()
             return False
-        if not request.body_complete:
-            with trio.move_on_after(DRAIN_SECONDS):
-                drained = 0
-                while (chunk := await request.receive_chunk()) is not None:
-                    drained += len(chunk)
-                    if drained > DRAIN_LIMIT:
-                        return False
-            if not request.body_complete:
-                return False
+        if not request.body_complete and not await self.drain(request):
+            await self.linger()
+            return False
         return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+
+    async def drain(self, request: Request) -> bool:
+        """Read and drop the rest of a small unread body; False if it is too big or too slow."""
+        drained = 0
+        with trio.move_on_after(DRAIN_SECONDS):
+            while (chunk := await request.receive_chunk()) is not None:
+                drained += len(chunk)
+                if drained > DRAIN_LIMIT:
+                    return False
+        return request.body_complete
 
     def body_is_drainable(self, request: Request) -> bool:
         if self.conn.client_is_waiting_for_100_continue:
@@ -272,7 +293,7 @@ class _Session:
         assert head is not None
         if head_only or not len_of(body):
             await self.stream.send_all(head + self.end_of_message())
-        elif isinstance(body, bytes) and len(body) <= DRAIN_LIMIT:
+        elif isinstance(body, bytes) and len(body) <= INLINE_BODY_LIMIT:
             data = self.conn.send(h11.Data(data=body))
             assert data is not None
             await self.stream.send_all(head + data + self.end_of_message())
@@ -290,13 +311,15 @@ class _Session:
         if isinstance(body, StreamBody):
             await body.produce(self.send_data)
         elif isinstance(body, FileSlice):
-            self.conn.send_with_data_passthrough(h11.Data(data=body))
+            # h11 documents pass-through objects with a len() for sendfile.
+            self.conn.send_with_data_passthrough(h11.Data(data=body))  # type: ignore[arg-type]
             await self.sendfile(body)
         else:
             await self.send_data(body)
 
     async def send_data(self, data: bytes | memoryview) -> None:
-        for piece in self.conn.send_with_data_passthrough(h11.Data(data=data)) or ():
+        pieces = self.conn.send_with_data_passthrough(h11.Data(data=data))  # type: ignore[arg-type]
+        for piece in pieces or ():
             await self.stream.send_all(piece)
 
     async def sendfile(self, body: FileSlice) -> None:
@@ -341,6 +364,11 @@ class _Session:
         websocket = WebSocket(self.stream, buffered)
         try:
             await upgrade.run(websocket)
+        except (WebSocketClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:  # noqa: BLE001 - a handler bug closes this websocket with 1011
+            traceback.print_exc(file=sys.stderr)
+            await websocket.close(INTERNAL_ERROR, "agent error")
         finally:
             with trio.CancelScope(shield=True):
                 await websocket.finish()
@@ -372,6 +400,8 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler) -> None:
         pass
     except h11.ProtocolError:
         pass
+    except Exception:  # noqa: BLE001 - one broken connection must not take the listener down
+        traceback.print_exc(file=sys.stderr)
     finally:
         await stream.aclose()
 

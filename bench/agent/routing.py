@@ -7,8 +7,8 @@ no body). The route lists themselves live with their owners (`routes.py`, `simul
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from bench.agent.http import ApiError, Handler, Outcome, Request
 

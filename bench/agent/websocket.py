@@ -28,6 +28,7 @@ CLOSE_WAIT_SECONDS = 2.0
 NORMAL_CLOSURE = 1000
 POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009
+INTERNAL_ERROR = 1011
 ABNORMAL_CLOSURE = 1006
 
 
@@ -58,22 +59,24 @@ class WebSocket:
 
     async def receive(self) -> str | bytes | None:
         """The next whole message, or None once the websocket is closed (by either side)."""
-        parts: list[str] | list[bytes] = []
+        texts: list[str] = []
+        chunks: list[bytes] = []
         size = 0
         while True:
             event = await self._next_event()
             if event is None:
                 return None
             if isinstance(event, (TextMessage, BytesMessage)):
-                parts.append(event.data)  # type: ignore[arg-type]
+                if isinstance(event, TextMessage):
+                    texts.append(event.data)
+                else:
+                    chunks.append(bytes(event.data))
                 size += len(event.data)
                 if size > self._max_message_size:
                     await self.close(MESSAGE_TOO_BIG, "message too big")
                     return None
                 if event.message_finished:
-                    if isinstance(event, TextMessage):
-                        return "".join(parts)  # type: ignore[arg-type]
-                    return b"".join(parts)  # type: ignore[arg-type]
+                    return "".join(texts) if isinstance(event, TextMessage) else b"".join(chunks)
             elif isinstance(event, Ping):
                 await self._send_quietly(event.response())
             elif isinstance(event, CloseConnection):
@@ -119,7 +122,7 @@ class WebSocket:
                 if self.close_code is None:
                     self.close_code = ABNORMAL_CLOSURE
                 return None
-            self._protocol.receive_data(data)
+            self._protocol.receive_data(bytes(data))
         return self._events.popleft()
 
     async def _answer_close(self, event: CloseConnection) -> None:

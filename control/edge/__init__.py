@@ -43,3 +43,7 @@ class NoEdge:
 
     def describe(self) -> dict[str, Any]:
         return {"publisher": "none", "note": "embedded default: no DNS, Velocity or Prometheus publishing"}
+
+
+class EdgeError(Exception):
+    """A publishing target refused or could not be reached; the outbox retries the change later."""

@@ -89,8 +89,13 @@ class LocalProvider:
     async def _spawn(self, vmid: int, record: dict[str, Any]) -> tuple[int, int | None, int]:
         directory = self._dir(vmid)
         log_path = directory / "agent.log"
+        secret_file = directory / "agent.secret"
+        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(record["secret"])
+        # The secret goes by file, never on the command line (where `ps` would show it).
         argv = [sys.executable, "-m", "bench.agent", "--data-dir", str(directory / "data"),
-                "--secret", record["secret"], "--host", "127.0.0.1", "--port", "0",
+                f"--secret-file={secret_file}", "--host", "127.0.0.1", "--port", "0",
                 "--ide-port", "0", *self.agent_args]
         if record.get("kind") == "game":
             argv.append("--autostart")

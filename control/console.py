@@ -1,0 +1,69 @@
+"""The console's rules: short-lived console tokens bound to one user and one server, the check the
+relay (gateway/console.py) asks on connect and on re-auth, and the periodic "still allowed?" check
+that disconnects revoked or suspended users."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from gateway.console import ConsoleGrant
+from gateway.errors import ApiError
+from storage import billing as store_billing, instances as store_instances, users
+
+from .access import agent_target, may_access
+from .api import Ctx, CurrentUser
+from .auth.tokens import TokenKind
+from .lifecycle import InstanceState
+from .servers import ready_instance
+from .services import Services
+
+TOKEN_SCHEMA = {"type": "object", "properties": {"token": {"type": "string"}, "expiresIn": {"type": "integer"},
+                                                 "url": {"type": "string"}, "protocol": {"type": "string"}}}
+
+
+async def console_token(ctx: Ctx, server_id: int) -> dict[str, Any]:
+    await ready_instance(ctx, server_id)
+    ttl = ctx.services.settings.console_token_ttl
+    token = ctx.services.tokens.issue(TokenKind.CONSOLE, ctx.me.id, ttl, sid=server_id, role=ctx.me.role)
+    return {"token": token, "expiresIn": ttl, "url": f"/api/servers/{server_id}/console",
+            "protocol": 'send {"type":"auth","token":…,"since":<last seq>} as the first frame'}
+
+
+def console_authorizer(services: Services) -> Callable[[str, int], Awaitable[ConsoleGrant]]:
+    async def authorize(token: str, server_id: int) -> ConsoleGrant:
+        claims = services.tokens.verify(TokenKind.CONSOLE, token)
+        if claims.get("sid") != server_id:
+            raise ApiError(403, "TOKEN_NOT_FOR_THIS_SERVER")
+        user = CurrentUser(int(claims["sub"]), claims.get("role", "user"))
+
+        def load() -> tuple[Any, Any]:
+            return store_instances.get_instance(server_id), users.user_by_id(user.id)
+
+        instance, account = await services.store.run(load)
+        if account is None or account.disabled_at is not None:
+            raise ApiError(403, "ACCOUNT_DISABLED")
+        if instance is None or not may_access(CurrentUser(account.id, account.role), instance.owner_id):
+            raise ApiError(404, "SERVER_NOT_FOUND")
+        if instance.state != InstanceState.READY.value:
+            raise ApiError(409, "SERVER_NOT_READY")
+        if await services.store.run(store_billing.is_suspended, instance.id):
+            raise ApiError(403, "SERVER_SUSPENDED")
+        return ConsoleGrant(agent_target(instance), account.id, instance.id, float(claims["exp"]))
+
+    return authorize
+
+
+def console_still_allowed(services: Services) -> Callable[[int, int], Awaitable[bool]]:
+    async def still_allowed(user_id: int, instance_id: int) -> bool:
+        def check() -> bool:
+            account = users.user_by_id(user_id)
+            instance = store_instances.get_instance(instance_id)
+            return (account is not None and account.disabled_at is None and instance is not None
+                    and instance.state == InstanceState.READY.value
+                    and may_access(CurrentUser(account.id, account.role), instance.owner_id)
+                    and not store_billing.is_suspended(instance.id))
+
+        return await services.store.run(check)
+
+    return still_allowed

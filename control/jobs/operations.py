@@ -1,0 +1,217 @@
+"""Operator routes over runners and jobs: register/list/get agents and activate or deactivate them;
+list, read, delete, cancel and rerun jobs; clear the queue; flush finished history; read test results.
+
+Cancel and deactivate-while-running apply the one terminal mutation the seed prescribes
+(`status=failed`, `error="cancelled by user"`, `[control] job cancelled by user` appended to output),
+through the transition table, never by writing a state directly."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Literal
+
+import pydantic
+import trio
+
+from gateway.errors import ApiError
+from storage import jobs as job_store
+from storage.clock import utcnow
+from storage.jobs import Runner
+
+from ..api import Body, Ctx, CurrentUser
+from ..auth.tokens import token_hash
+from . import lifecycle
+from .access import job_visible, new_runner_token, runner_or_user
+from .artifacts import remove_job_files
+from .present import job_json, runner_json, test_report_json
+
+Name = pydantic.constr(min_length=1, max_length=128)
+
+
+class CreateAgentBody(Body):
+    name: Name  # type: ignore[valid-type]
+    labels: list[Name] = pydantic.Field(default_factory=list, max_length=64)  # type: ignore[valid-type]
+
+
+class AgentActionBody(Body):
+    action: Literal["activate", "deactivate"]
+
+
+def _agent_json(ctx: Ctx, runner: Runner) -> dict[str, Any]:
+    held = [job.id for job in job_store.jobs_held_by(runner.id, lifecycle.LIVE)]
+    return runner_json(runner, utcnow(), ctx.services.settings.runner_offline_after, held)
+
+
+async def create_agent(ctx: Ctx) -> tuple[dict[str, Any], int]:
+    """Register a runner; its token is answered once, here, and kept only as a hash."""
+    body: CreateAgentBody = ctx.body
+    token = new_runner_token()
+    runner_id = "agt_" + secrets.token_hex(8)
+
+    def create() -> dict[str, Any]:
+        runner = job_store.create_runner(runner_id, body.name, token_hash(token), list(body.labels))
+        return _agent_json(ctx, runner)
+
+    agent = await job_store.run(ctx.services.store, create)
+    return {"agent": agent, "token": token}, 201
+
+
+async def list_agents(ctx: Ctx) -> dict[str, Any]:
+    def listing() -> list[dict[str, Any]]:
+        return [_agent_json(ctx, runner) for runner in job_store.list_runners()]
+
+    return {"agents": await job_store.run(ctx.services.store, listing)}
+
+
+async def get_agent(ctx: Ctx, agent_id: str) -> dict[str, Any]:
+    def read() -> dict[str, Any]:
+        runner = job_store.runner_by_id(agent_id)
+        if runner is None:
+            raise ApiError(404, "AGENT_NOT_FOUND")
+        return _agent_json(ctx, runner)
+
+    return await job_store.run(ctx.services.store, read)
+
+
+def cancel_in_unit(job_id: int) -> bool:
+    """The seed's cancel mutation on one job, inside a unit; False when the job is not live or queued."""
+    return job_store.transition_job(
+        job_id, lifecycle.sources("cancel"), lifecycle.target("cancel"), error=lifecycle.CANCEL_ERROR,
+        finished_at=utcnow(), lease_expires_at=None, append_line=lifecycle.CANCEL_NOTE + "\n")
+
+
+async def agent_action(ctx: Ctx, agent_id: str) -> dict[str, Any]:
+    body: AgentActionBody = ctx.body
+    active = body.action == "activate"
+
+    def act() -> dict[str, Any]:
+        if not job_store.set_runner_active(agent_id, active, utcnow()):
+            raise ApiError(404, "AGENT_NOT_FOUND")
+        cancelled = []
+        if not active:
+            for job in job_store.jobs_held_by(agent_id, lifecycle.LIVE):
+                if cancel_in_unit(job.id):
+                    cancelled.append(job.id)
+        runner = job_store.runner_by_id(agent_id)
+        assert runner is not None
+        return {"agent": _agent_json(ctx, runner), "action": body.action, "cancelled_jobs": cancelled}
+
+    return await job_store.run(ctx.services.store, act)
+
+
+async def list_jobs(ctx: Ctx) -> dict[str, Any]:
+    status = ctx.query.get("status")
+    if status is not None and status not in lifecycle.STATES:
+        raise ApiError(422, "VALIDATION_FAILED", [{"field": "status", "message": f"one of {list(lifecycle.STATES)}",
+                                                   "type": "enum"}])
+    limit = _int_query(ctx, "limit", 50, 1, 500)
+    offset = _int_query(ctx, "offset", 0, 0, 10**9)
+    pipeline_id = _int_query(ctx, "pipeline_id", 0, 0, 2**31) or None
+
+    def listing() -> dict[str, Any]:
+        rows, total = job_store.list_jobs(status=status, agent_id=ctx.query.get("agent_id"),
+                                          pipeline_id=pipeline_id, limit=limit, offset=offset)
+        return {"jobs": [job_json(job, with_output=False) for job in rows], "total": total,
+                "limit": limit, "offset": offset}
+
+    return await job_store.run(ctx.services.store, listing)
+
+
+def _int_query(ctx: Ctx, name: str, default: int, low: int, high: int) -> int:
+    raw = ctx.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise ApiError(422, "VALIDATION_FAILED", [{"field": name, "message": f"integer in [{low}, {high}]",
+                                                   "type": "range"}])
+    return value
+
+
+async def get_job(ctx: Ctx, job_id: int) -> dict[str, Any]:
+    def read(caller: Runner | CurrentUser) -> dict[str, Any]:
+        job = job_store.job_by_id(job_id)
+        if job is None or not job_visible(caller, job):
+            raise ApiError(404, "JOB_NOT_FOUND")
+        return job_json(job)
+
+    return await runner_or_user(ctx, read)
+
+
+def _illegal(job: Any, event: str) -> ApiError:
+    try:
+        lifecycle.advance(job.status, event)
+    except lifecycle.IllegalTransition as exc:
+        return ApiError(409, "ILLEGAL_TRANSITION", {"job_id": job.id, "status": job.status, "reason": str(exc)})
+    return ApiError(409, "CONFLICT", {"job_id": job.id, "status": job.status, "reason": "job changed concurrently"})
+
+
+async def cancel_job(ctx: Ctx, job_id: int) -> dict[str, Any]:
+    def cancel() -> dict[str, Any]:
+        changed = cancel_in_unit(job_id)
+        job = job_store.job_by_id(job_id)
+        if job is None:
+            raise ApiError(404, "JOB_NOT_FOUND")
+        if not changed:
+            raise _illegal(job, "cancel")
+        return job_json(job)
+
+    return await job_store.run(ctx.services.store, cancel)
+
+
+async def rerun_job(ctx: Ctx, job_id: int) -> tuple[dict[str, Any], int]:
+    """A new queued job with the same definition; the old one stays as history."""
+    def rerun() -> dict[str, Any]:
+        job = job_store.job_by_id(job_id)
+        if job is None:
+            raise ApiError(404, "JOB_NOT_FOUND")
+        if job.status not in lifecycle.TERMINAL:
+            raise ApiError(409, "JOB_NOT_FINISHED", {"job_id": job.id, "status": job.status})
+        fresh = job_store.create_job(
+            project_name=job.project_name, pipeline=job.pipeline_id, pipeline_name=job.pipeline_name,
+            chain=job.chain_id, status=lifecycle.QUEUED, pinned_agent_id=job.pinned_agent_id, labels=job.labels,
+            steps=job.steps, env=job.env, source_ref=job.source_ref, execution_mode=job.execution_mode,
+            timeout_seconds=job.timeout_seconds, max_attempts=job.max_attempts, rerun_of=job.id,
+            requested_by=ctx.me.id)
+        return job_json(fresh)
+
+    return await job_store.run(ctx.services.store, rerun), 201
+
+
+async def delete_job(ctx: Ctx, job_id: int) -> None:
+    def delete() -> None:
+        if job_store.delete_job(job_id, lifecycle.TERMINAL):
+            return
+        job = job_store.job_by_id(job_id)
+        if job is None:
+            raise ApiError(404, "JOB_NOT_FOUND")
+        raise ApiError(409, "JOB_NOT_FINISHED", {"job_id": job.id, "status": job.status,
+                                                 "reason": "cancel it first"})
+
+    await job_store.run(ctx.services.store, delete)
+    await trio.to_thread.run_sync(remove_job_files, ctx.services, [job_id])
+
+
+async def clear_queue(ctx: Ctx) -> dict[str, Any]:
+    count = await job_store.run(ctx.services.store, job_store.clear_queue, lifecycle.QUEUED,
+                                lifecycle.advance(lifecycle.QUEUED, "clear"), utcnow(), "queue cleared")
+    return {"cleared": count}
+
+
+async def flush_history(ctx: Ctx) -> dict[str, Any]:
+    deleted = await job_store.run(ctx.services.store, job_store.flush_history, lifecycle.TERMINAL)
+    await trio.to_thread.run_sync(remove_job_files, ctx.services, deleted)
+    return {"deleted": len(deleted)}
+
+
+async def job_tests(ctx: Ctx, job_id: int) -> dict[str, Any]:
+    def read() -> dict[str, Any]:
+        job = job_store.job_by_id(job_id)
+        if job is None:
+            raise ApiError(404, "JOB_NOT_FOUND")
+        return test_report_json(job.id, job_store.list_test_cases(job.id))
+
+    return await job_store.run(ctx.services.store, read)

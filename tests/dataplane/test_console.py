@@ -1,0 +1,165 @@
+"""The websocket console through the gateway, with real websocket clients and real agents."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from control.auth.tokens import TokenKind, TokenService
+from control.config import Settings
+from tests.conftest import TEST_SECRET, Gateway
+from tests.dataplane.helpers import kill_agent
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    settings.console_limits = replace(settings.console_limits, commands_per_second=100_000, command_burst=100_000)
+    return settings
+
+
+@pytest.fixture
+async def server(gateway: Gateway) -> tuple[Gateway, dict, dict]:
+    session = await gateway.register()
+    instance = await gateway.provision(session, "game", "console")
+    await gateway.wait_for(lambda b: b["state"] == "running", f"/api/servers/{instance['id']}", session)
+    return gateway, session, instance
+
+
+def ws_url(gateway: Gateway, server_id: int) -> str:
+    return gateway.url.replace("http://", "ws://") + f"/api/servers/{server_id}/console"
+
+
+async def console_token(gateway: Gateway, session: dict, server_id: int) -> str:
+    response = await gateway.client.post(f"/api/servers/{server_id}/console/token", headers=gateway.bearer(session))
+    assert response.status_code == 200, response.text
+    return response.json()["token"]
+
+
+async def lines_until(ws, predicate, timeout: float = 20.0) -> list[dict]:  # type: ignore[no-untyped-def]
+    seen: list[dict] = []
+    with trio.fail_after(timeout):
+        while True:
+            frame = json.loads(await ws.get_message())
+            if frame.get("type") == "line":
+                seen.append(frame)
+                if predicate(frame):
+                    return seen
+
+
+async def test_ten_thousand_commands_round_trip_in_order(server: tuple[Gateway, dict, dict]) -> None:
+    gateway, session, instance = server
+    token = await console_token(gateway, session, instance["id"])
+    with trio.fail_after(120):
+        async with open_websocket_url(ws_url(gateway, instance["id"])) as ws:
+            await ws.send_message(json.dumps({"type": "auth", "token": token}))
+            assert json.loads(await ws.get_message())["type"] == "ready"
+            expected = 0
+            batch = 200
+            for start in range(0, 10_000, batch):
+                for n in range(start, start + batch):
+                    await ws.send_message(json.dumps({"type": "command", "command": f"echo cmd-{n}"}))
+                while expected < start + batch:
+                    frame = json.loads(await ws.get_message())
+                    if frame.get("type") == "line" and frame["data"].startswith("cmd-"):
+                        assert frame["data"] == f"cmd-{expected}"
+                        expected += 1
+            assert expected == 10_000
+
+
+async def test_two_clients_see_the_same_output_and_reconnect_resumes(server: tuple[Gateway, dict, dict]) -> None:
+    gateway, session, instance = server
+    url = ws_url(gateway, instance["id"])
+    token = await console_token(gateway, session, instance["id"])
+    with trio.fail_after(60):
+        async with open_websocket_url(url) as first, open_websocket_url(url) as second:
+            for ws in (first, second):
+                await ws.send_message(json.dumps({"type": "auth", "token": token}))
+                assert json.loads(await ws.get_message())["type"] == "ready"
+            await first.send_message(json.dumps({"type": "command", "command": "say shared-line"}))
+            a = await lines_until(first, lambda f: "shared-line" in f["data"])
+            b = await lines_until(second, lambda f: "shared-line" in f["data"])
+            assert a[-1]["seq"] == b[-1]["seq"] and a[-1]["data"] == b[-1]["data"]
+            last_seen = a[-1]["seq"]
+        # While nobody watches, more output happens.
+        for n in range(5):
+            await gateway.client.post(f"/api/servers/{instance['id']}/console/command",
+                                      headers=gateway.bearer(session), json={"command": f"echo missed-{n}"})
+        async with open_websocket_url(url) as again:
+            await again.send_message(json.dumps({"type": "auth", "token": token, "since": last_seen}))
+            assert json.loads(await again.get_message())["type"] == "ready"
+            replay = await lines_until(again, lambda f: f["data"] == "missed-4")
+            seqs = [f["seq"] for f in replay]
+            assert seqs[0] == last_seen + 1 and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+            assert [f["data"] for f in replay if f["data"].startswith("missed-")] == [f"missed-{n}" for n in range(5)]
+
+
+async def _close_code(url: str, first_frame: str | None) -> int:
+    with trio.fail_after(20):
+        async with open_websocket_url(url) as ws:
+            if first_frame is not None:
+                await ws.send_message(first_frame)
+            try:
+                while True:
+                    await ws.get_message()
+            except ConnectionClosed as closed:
+                return closed.reason.code
+    raise AssertionError("not closed")
+
+
+async def test_bad_tokens_are_refused_with_distinct_codes(server: tuple[Gateway, dict, dict]) -> None:
+    gateway, session, instance = server
+    url = ws_url(gateway, instance["id"])
+    service = TokenService(TEST_SECRET, "zlh-gateway")
+    forged = TokenService("another-key-" + "z" * 40, "zlh-gateway").issue(
+        TokenKind.CONSOLE, session["user"]["id"], 60, sid=instance["id"])
+    from datetime import timedelta
+
+    from storage import clock
+
+    clock.offset = timedelta(minutes=-30)
+    try:
+        expired = service.issue(TokenKind.CONSOLE, session["user"]["id"], 60, sid=instance["id"])
+    finally:
+        clock.offset = timedelta(0)
+    other = await gateway.register("intruder@example.com")
+    other_token = service.issue(TokenKind.CONSOLE, other["user"]["id"], 60, sid=instance["id"])
+    wrong_server = service.issue(TokenKind.CONSOLE, session["user"]["id"], 60, sid=instance["id"] + 1)
+    access_token = session["accessToken"]
+    assert await _close_code(url, json.dumps({"type": "auth", "token": forged})) == 4001
+    assert await _close_code(url, json.dumps({"type": "auth", "token": expired})) == 4001
+    assert await _close_code(url, json.dumps({"type": "auth", "token": access_token})) == 4001
+    assert await _close_code(url, json.dumps({"type": "auth", "token": other_token})) == 4004
+    assert await _close_code(url, json.dumps({"type": "auth", "token": wrong_server})) == 4010
+    assert await _close_code(url, json.dumps({"type": "command", "command": "list"})) == 4001
+
+
+async def test_agent_death_closes_the_client(server: tuple[Gateway, dict, dict]) -> None:
+    gateway, session, instance = server
+    token = await console_token(gateway, session, instance["id"])
+    with trio.fail_after(30):
+        async with open_websocket_url(ws_url(gateway, instance["id"])) as ws:
+            await ws.send_message(json.dumps({"type": "auth", "token": token}))
+            assert json.loads(await ws.get_message())["type"] == "ready"
+            kill_agent(gateway, instance["vmid"])
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await ws.get_message()
+            assert closed.value.reason.code in (1001, 1011)
+
+
+async def test_client_close_releases_the_session(server: tuple[Gateway, dict, dict]) -> None:
+    gateway, session, instance = server
+    token = await console_token(gateway, session, instance["id"])
+    with trio.fail_after(30):
+        async with open_websocket_url(ws_url(gateway, instance["id"])) as ws:
+            await ws.send_message(json.dumps({"type": "auth", "token": token}))
+            assert json.loads(await ws.get_message())["type"] == "ready"
+        while True:
+            metrics = (await gateway.client.get("/metrics")).text
+            if "zlh_console_connections 0.0" in metrics:
+                break
+            await trio.sleep(0.05)
