@@ -32,7 +32,7 @@ edge-binaries: $(VENV)/.installed
 test: $(VENV)/.installed pg-binaries edge-binaries
 	$(PY) -m pytest -q -m "not e2e"
 
-e2e: $(VENV)/.installed pg-binaries edge-binaries
+e2e: $(VENV)/.installed pg-binaries edge-binaries bench-tools
 	$(PY) -m pytest -q -m e2e
 
 # The bench suite's tools: nginx (the comparison proxy; its service is never started) and wrk.
