@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,13 @@ class Settings:
     local_agent_args: list[str] = field(default_factory=list)
     local_stop_agents_on_exit: bool = False
     console_limits: ConsoleLimits = field(default_factory=ConsoleLimits)
+    # Scale-out (control/cluster.py): several replicas on one PostgreSQL. "auto" partitions the poller
+    # and elects a fleet leader on PostgreSQL; SQLite (one process) owns everything, as does "off".
+    cluster: str = "auto"
+    replica_id: str = ""  # default: host-pid-random, new each start
+    cluster_heartbeat: float = 1.0  # seconds between heartbeats (lease renewals)
+    cluster_takeover_bound: float = 10.0  # a dead replica's agents are polled elsewhere within this
+    cluster_slots: int = 128  # agent partitions (instance id modulo this); the same on every replica
     # Billing (control/billing/): empty STRIPE_SECRET_KEY means billing is not configured.
     stripe_secret_key: str = ""
     stripe_webhook_secret: str = ""
@@ -174,6 +182,11 @@ class Settings:
         if env.get("ZLH_UPDATE_FEED"):
             s.update_feed_dir = Path(env["ZLH_UPDATE_FEED"])
         _edge_from_env(s, env)
+        s.cluster = env.get("ZLH_CLUSTER", s.cluster)
+        s.replica_id = env.get("ZLH_REPLICA_ID", s.replica_id)
+        s.cluster_heartbeat = float(env.get("ZLH_CLUSTER_HEARTBEAT", s.cluster_heartbeat))
+        s.cluster_takeover_bound = float(env.get("ZLH_CLUSTER_TAKEOVER_BOUND", s.cluster_takeover_bound))
+        s.cluster_slots = int(env.get("ZLH_CLUSTER_SLOTS", s.cluster_slots))
         for key, value in overrides.items():
             setattr(s, key, value)
         s.finish()
@@ -190,6 +203,22 @@ class Settings:
             raise ConfigError("JWT_SECRET must be at least 32 bytes")
         if self.scrypt_n < 2 or self.scrypt_n & (self.scrypt_n - 1):
             raise ConfigError("scrypt N must be a power of two")
+        if not self.replica_id:
+            self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        if self.cluster not in ("auto", "on", "off"):
+            raise ConfigError("ZLH_CLUSTER must be auto, on or off")
+        if self.cluster_slots < 1:
+            raise ConfigError("ZLH_CLUSTER_SLOTS must be at least 1")
+        if self.cluster_lease_ttl < 3 * self.cluster_heartbeat:
+            raise ConfigError("ZLH_CLUSTER_TAKEOVER_BOUND is too small for the heartbeat and poll catch-up "
+                              f"(lease TTL {self.cluster_lease_ttl:.1f}s < 3 heartbeats)")
+
+    @property
+    def cluster_lease_ttl(self) -> float:
+        """How long a slot or leader lease lasts after its last renewal. A dead replica's slot is
+        claimed at most one heartbeat after it lapses and its agents are polled within the poller's
+        catch-up spread (1 s), so TTL = bound - 2 heartbeats - 1 s (catch-up) - 1 s (slack)."""
+        return self.cluster_takeover_bound - 2 * self.cluster_heartbeat - 2.0
 
     @property
     def ide_cookie_is_secure(self) -> bool:

@@ -31,6 +31,8 @@ class Services:
     environments: Any = None  # control.environments.EnvironmentService (dev environments API v1)
     edge: Any = None  # control.edge.EdgePublisher (NoEdge unless edge publishing is configured)
     edge_outbox: Any = None  # control.edge.outbox.Outbox, the publishing worker (None with NoEdge)
+    cluster: Any = None  # control.cluster.ClusterService (None: one process owns everything, e.g. SQLite)
+    events: Any = None  # control.cluster.FleetEvents: events that must reach every replica's connections
     running: set[str] = field(default_factory=set)  # background services that are up, for /ready
     started: float = field(default_factory=time.monotonic)  # when this process assembled them (uptime)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -49,6 +49,13 @@ class Poller:
     max_backoff_rounds: int = 8
     # Which agents this replica polls; the default polls every agent (replaced when partitioned).
     list_targets: Callable[[], Awaitable[list[PollTarget]]] | None = None
+    # When partitioned: whether this replica still owns an agent at the moment its poll is due, so an
+    # agent handed to another replica mid-round is not polled here again.
+    owns: Callable[[int], bool] | None = None
+    # Agents handed to this replica between rounds (`targets_grew`) are polled over this many seconds
+    # instead of waiting for the next round: how a dead replica's agents are taken over promptly.
+    catch_up_spread: float = 1.0
+    _grown: trio.Event = field(default_factory=trio.Event)
     _schedules: dict[int, _AgentSchedule] = field(default_factory=dict)
     _pending: list[PollResult] = field(default_factory=list)
     rounds_completed: int = 0
@@ -69,19 +76,34 @@ class Poller:
                 next_round += self.interval
                 if next_round < trio.current_time():
                     next_round = trio.current_time()
-                await trio.sleep_until(next_round)
+                await self._wait_for_round(nursery, limiter, next_round)
+
+    def targets_grew(self) -> None:
+        """More agents are this replica's now: poll the new ones before the next round."""
+        self._grown.set()
+
+    async def _wait_for_round(self, nursery: trio.Nursery, limiter: trio.CapacityLimiter, next_round: float) -> None:
+        with trio.move_on_at(next_round):
+            while True:
+                await self._grown.wait()
+                self._grown = trio.Event()
+                await self._round(nursery, limiter, trio.current_time(), only_new=True)
 
     async def _targets(self) -> list[PollTarget]:
         if self.list_targets is not None:
             return await self.list_targets()
         return await self.store.run(store_instances.poll_targets)
 
-    async def _round(self, nursery: trio.Nursery, limiter: trio.CapacityLimiter, started: float) -> None:
+    async def _round(self, nursery: trio.Nursery, limiter: trio.CapacityLimiter, started: float, *,
+                     only_new: bool = False) -> None:
         targets = await self._targets()
         live = {t.instance_id for t in targets}
         for gone in set(self._schedules) - live:
             del self._schedules[gone]
         spread = self.interval * 0.8
+        if only_new:
+            targets = [t for t in targets if t.instance_id not in self._schedules]
+            spread = min(spread, self.catch_up_spread)
         count = max(1, len(targets))
         for index, target in enumerate(targets):
             schedule = self._schedules.setdefault(target.instance_id, _AgentSchedule())
@@ -94,6 +116,8 @@ class Poller:
             due = started + spread * index / count + random.uniform(0, spread / count)
             if due > trio.current_time():
                 await trio.sleep_until(due)
+            if self.owns is not None and not self.owns(target.instance_id):
+                continue
             schedule.in_flight = True
             slow = schedule.rounds % self.slow_every == 1
             nursery.start_soon(self._poll_one, target, schedule, slow, limiter)

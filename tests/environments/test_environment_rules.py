@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import shlex
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from control.config import Settings
 from control.environments import (
     ENVIRONMENT_TRANSITIONS,
     EnvironmentApiError,
     EnvState,
     auto_stop_at,
+    environment_json,
     last_activity,
     next_environment_state,
     open_settings,
@@ -25,6 +28,7 @@ from control.environments import (
 )
 from control.jobs.sealing import SecretBox, SecretUnreadable
 from control.lifecycle import IllegalTransition
+from control.ops import uptime_text
 from storage.dev import IdeActivity
 from storage.environments import Environment
 
@@ -204,3 +208,20 @@ def test_workspace_env_file_quotes_values() -> None:
     exports = dict(line.removeprefix("export ").split("=", 1) for line in text.splitlines()[1:])
     assert shlex.split(exports["GIT_USER_NAME"]) == ["O'Brien; rm -rf /"]
     assert exports["GITHUB_TOKEN"] == "ghp_x"
+
+
+def test_vs_code_url_is_the_gateways_hosted_ide_url() -> None:
+    env = _env(owner=3, instance_id=42, name="n", cloud_provider="AWS", cloud_region="r", cpu_cores=2, memory_gb=4,
+               storage_gb=20, base_image="node", updated_at=T0)
+    tunnel = SimpleNamespace(settings=Settings(public_url="https://zlh.example", ide_domain="ide.example"))
+    body = environment_json(tunnel, env, IdeActivity(0, None))  # type: ignore[arg-type]
+    assert body["vsCodeUrl"] == "https://zlh.example/__ide/42/" and body["instanceId"] == 42
+    hosted = SimpleNamespace(settings=Settings(public_url="https://zlh.example", ide_domain="ide.example",
+                                               dev_ide_return_hosted_url=True))
+    assert environment_json(hosted, env, IdeActivity(0, None))["vsCodeUrl"] == "https://dev-42.ide.example/"  # type: ignore[arg-type]
+    assert environment_json(tunnel, _env(instance_id=None, owner=3, updated_at=T0),  # type: ignore[arg-type]
+                            IdeActivity(0, None))["vsCodeUrl"] is None
+
+
+def test_uptime_reads_like_the_seeds() -> None:
+    assert [uptime_text(s) for s in (0, 45.9, 125, 7200, 8130)] == ["0s", "45s", "2m5s", "2h0m0s", "2h15m30s"]
