@@ -18,7 +18,7 @@ def may_access(user: CurrentUser, owner_id: int) -> bool:
 
 
 async def owned_instance(ctx: Ctx, instance_id: int) -> Any:
-    instance = await ctx.services.store.run(store_instances.get_instance, instance_id)
+    instance = await ctx.services.store.read(store_instances.get_instance, instance_id)
     if instance is None or not may_access(ctx.me, instance.owner_id):
         raise ApiError(404, "SERVER_NOT_FOUND", {"id": instance_id})
     return instance

@@ -36,7 +36,7 @@ from storage.clock import utcnow
 from storage.db import Store, connect_database
 from storage.migrations import migrate
 
-from . import billing, console, dev, environments, files, instances, ops, servers
+from . import billing, cluster, console, dev, environments, files, instances, ops, servers
 from .api import AccessLog, Route, install_error_handlers, make_view, openapi_document
 from .auth import routes as auth
 from . import jobs
@@ -213,13 +213,21 @@ def backup_and_mod_routes() -> list[Route]:
 def background_services(services: Services) -> list[Callable[..., Any]]:
     """Every background service of this process: `async def run(*, task_status)` callables, each
     started in the lifespan nursery of run_gateway (so each has an owner and stops with the app)."""
-    return [services.provisioner.run, services.poller.run,
-            *([services.edge_outbox.run] if services.edge_outbox is not None else []),
-            billing.BillingScheduler(services.billing, services.mailer, services.settings.billing_interval,
-                                     services.running).run,
-            *jobs.background_services(services),
+    once = services.cluster.leader_only if services.cluster is not None else _here
+    return [*([services.cluster.run] if services.cluster is not None else []), services.events.run,
+            services.provisioner.run, services.poller.run,
+            # Once across the fleet: on PostgreSQL only the fleet leader runs these (control/cluster.py).
+            *([once(services.edge_outbox.run)] if services.edge_outbox is not None else []),
+            once(billing.BillingScheduler(services.billing, services.mailer, services.settings.billing_interval,
+                                          services.running).run),
+            once(jobs.lease_reaper(services)), jobs.updates.restart_service(services),
             services.ide_activity.run,
             services.environments.run]
+
+
+def _here(service: Callable[..., Any]) -> Callable[..., Any]:
+    """One process (SQLite): once-per-fleet work simply runs here."""
+    return service
 
 
 FILES_PREFIX = r"^/api/(?:game/)?servers/(?P<id>\d+)/files/"
@@ -321,10 +329,16 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
                                          metrics, clock=lambda: utcnow().replace(tzinfo=timezone.utc).timestamp(),
                                          limits=settings.console_limits)
         services.poller = Poller(store, services.agents, metrics, interval=settings.poll_interval)
-        services.ide_activity = dev.IdeActivityRecorder(store, interval=settings.ide_activity_interval)
+        if cluster.cluster_enabled(settings, store):
+            services.cluster = cluster.ClusterService(settings, store)
+            services.cluster.attach(services.poller)
+        services.events = cluster.FleetEvents(store, settings.replica_id, listen=services.cluster is not None)
+        cluster.wire_console_events(services.events, services.consoles)
+        services.ide_activity = dev.IdeActivityRecorder(store, interval=settings.ide_activity_interval,
+                                                        replica=settings.replica_id)
         services.environments = environments.EnvironmentService(services)
         services.billing = billing.Billing.from_settings(settings, store, services.extra)
-        services.extra["suspend_servers"] = servers.server_suspender(services)
+        services.extra["suspend_servers"] = cluster.fleet_suspender(services.events, servers.server_suspender(services))
         routes = control_routes()
         services.extra["openapi"] = openapi_document(routes, "ZLH gateway", "0.1.0")
         app = create_app(services, routes)

@@ -40,14 +40,14 @@ def console_authorizer(services: Services) -> Callable[[str, int], Awaitable[Con
         def load() -> tuple[Any, Any]:
             return store_instances.get_instance(server_id), users.user_by_id(user.id)
 
-        instance, account = await services.store.run(load)
+        instance, account = await services.store.read(load)
         if account is None or account.disabled_at is not None:
             raise ApiError(403, "ACCOUNT_DISABLED")
         if instance is None or not may_access(CurrentUser(account.id, account.role), instance.owner_id):
             raise ApiError(404, "SERVER_NOT_FOUND")
         if instance.state != InstanceState.READY.value:
             raise ApiError(409, "SERVER_NOT_READY")
-        if await services.store.run(store_billing.is_suspended, instance.id):
+        if await services.store.read(store_billing.is_suspended, instance.id):
             raise ApiError(403, "SERVER_SUSPENDED")
         return ConsoleGrant(agent_target(instance), account.id, instance.id, float(claims["exp"]))
 
@@ -64,6 +64,6 @@ def console_still_allowed(services: Services) -> Callable[[int, int], Awaitable[
                     and may_access(CurrentUser(account.id, account.role), instance.owner_id)
                     and not store_billing.is_suspended(instance.id))
 
-        return await services.store.run(check)
+        return await services.store.read(check)
 
     return still_allowed

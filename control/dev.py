@@ -183,7 +183,7 @@ class IdeRules:
             return _IdeView(ok, role, instance.owner_id, instance.kind, instance.state, instance.agent_host,
                             instance.ide_port)
 
-        view = await self.services.store.run(load)
+        view = await self.services.store.read(load)
         if len(self._views) >= GRANT_CACHE_MAX:
             self._views.clear()
         self._views[key] = (now + GRANT_CACHE_SECONDS, view)

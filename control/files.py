@@ -142,7 +142,7 @@ async def delete_backup(ctx: Ctx, server_id: int, backup_id: str) -> tuple[Any, 
 
 async def restore_status(ctx: Ctx, server_id: int) -> dict[str, Any]:
     """Restore/backup progress from the normalized state (the poller's last /status)."""
-    rows = await ctx.services.store.run(store_instances.server_rows, None if ctx.me.is_admin else ctx.me.id,
+    rows = await ctx.services.store.read(store_instances.server_rows, None if ctx.me.is_admin else ctx.me.id,
                                         server_id)
     if not rows:
         raise ApiError(404, "SERVER_NOT_FOUND", {"id": server_id})
@@ -209,7 +209,7 @@ def stream_authorizer(services: Services) -> Callable[[Request, int], Awaitable[
             plan = users.plan_by_name(row.plan) if row else None
             return instance, plan.max_upload_bytes if plan else 0
 
-        instance, limit = await services.store.run(load)
+        instance, limit = await services.store.read(load)
         if instance is None:
             raise ApiError(404, "SERVER_NOT_FOUND", {"id": server_id})
         if instance.state != InstanceState.READY.value:

@@ -68,14 +68,14 @@ def normalized_state(instance: Any, agent: Any, poll_interval: float) -> dict[st
 
 async def list_servers(ctx: Ctx) -> list[dict[str, Any]]:
     owner = None if ctx.me.is_admin else ctx.me.id
-    rows = await ctx.services.store.run(store_instances.server_rows, owner)
+    rows = await ctx.services.store.read(store_instances.server_rows, owner)
     interval = ctx.services.settings.poll_interval
     return [normalized_state(instance, agent, interval) for instance, agent in rows]
 
 
 async def get_server(ctx: Ctx, server_id: int) -> dict[str, Any]:
     owner = None if ctx.me.is_admin else ctx.me.id
-    rows = await ctx.services.store.run(store_instances.server_rows, owner, server_id)
+    rows = await ctx.services.store.read(store_instances.server_rows, owner, server_id)
     if not rows:
         raise ApiError(404, "SERVER_NOT_FOUND", {"id": server_id})
     instance, agent = rows[0]
@@ -92,7 +92,7 @@ async def ready_instance(ctx: Ctx, server_id: int) -> Any:
 async def _power(ctx: Ctx, server_id: int, action: str) -> tuple[Any, int]:
     instance = await ready_instance(ctx, server_id)
     store = ctx.services.store
-    if action != "stop" and await store.run(store_billing.is_suspended, instance.id):
+    if action != "stop" and await store.read(store_billing.is_suspended, instance.id):
         raise ApiError(403, "SERVER_SUSPENDED", {"id": server_id, "reason": "billing"})
     if not await store.run(store_instances.claim_power_action, instance.id, action, POWER_HOLD_SECONDS):
         raise ApiError(409, "POWER_ACTION_IN_PROGRESS", {"id": server_id})

@@ -92,7 +92,7 @@ class Poller:
     async def _targets(self) -> list[PollTarget]:
         if self.list_targets is not None:
             return await self.list_targets()
-        return await self.store.run(store_instances.poll_targets)
+        return await self.store.read(store_instances.poll_targets)
 
     async def _round(self, nursery: trio.Nursery, limiter: trio.CapacityLimiter, started: float, *,
                      only_new: bool = False) -> None:

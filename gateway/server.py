@@ -36,6 +36,7 @@ from .metrics import Metrics
 log = logging.getLogger("zlh.server")
 
 RECEIVE_SIZE = 256 * 1024
+COALESCE_LIMIT = 64 * 1024
 MAX_HEAD_BYTES = 32 * 1024
 
 Headers = list[tuple[bytes, bytes]]
@@ -80,6 +81,7 @@ class Exchange:
     status: int = 0
     upgraded: bool = False
     raw: bytes = b""  # every byte read for this request so far (head included), for protocol switches
+    _held: bytes = b""  # a response head waiting to leave with the first body bytes
     _body_done: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -108,15 +110,27 @@ class Exchange:
                 raise ClientGone()
 
     async def send_head(self, status: int, headers: Iterable[tuple[bytes | str, bytes | str]]) -> None:
+        """The head is held until the first body bytes (or the end), so that a small answer leaves
+        in one write: one syscall instead of three is most of the cost of a small proxied request."""
         self.status = status
-        await self._send(h11.Response(status_code=status, headers=list(headers)))
+        self._held = self._framed(h11.Response(status_code=status, headers=list(headers)))
 
     async def send_data(self, data: bytes | bytearray | memoryview) -> None:
-        if data:
-            await self._send(h11.Data(data=data))
+        if not data:
+            return
+        pieces = self._framed_pieces(h11.Data(data=data))
+        if self._held and len(data) <= COALESCE_LIMIT:
+            pieces = [self._held + b"".join(pieces)]
+        elif self._held:
+            pieces = [self._held, *pieces]
+        self._held = b""
+        await self._write(pieces)
 
     async def end(self) -> None:
-        await self._send(h11.EndOfMessage())
+        tail = self._framed(h11.EndOfMessage())
+        pieces = [self._held + tail]
+        self._held = b""
+        await self._write(pieces)
 
     async def respond(self, status: int, body: bytes, content_type: bytes = b"application/json",
                       headers: Iterable[tuple[bytes | str, bytes | str]] = ()) -> None:
@@ -132,6 +146,7 @@ class Exchange:
     def take_over(self) -> tuple[trio.SocketStream, bytes]:
         """For protocol switches: the raw socket plus any bytes already read past the request head.
         After this the connection is the caller's (the front server closes it when the handler ends)."""
+        assert not self._held, "a protocol switch after a held response head"
         self.upgraded = True
         trailing, _closed = self._conn.trailing_data
         return self._stream, bytes(trailing)  # type: ignore[return-value]
@@ -142,9 +157,16 @@ class Exchange:
         self.upgraded = True
         return ReplayStream(self._stream, self.raw)  # type: ignore[arg-type]
 
-    async def _send(self, event: Any) -> None:
+    def _framed(self, event: Any) -> bytes:
+        return b"".join(self._framed_pieces(event))
+
+    def _framed_pieces(self, event: Any) -> list[Any]:
+        # Body bytes pass through uncopied (h11 only adds framing around them).
+        return list(self._conn.send_with_data_passthrough(event) or ())
+
+    async def _write(self, pieces: list[Any]) -> None:
         try:
-            for piece in self._conn.send_with_data_passthrough(event) or ():
+            for piece in pieces:
                 if piece:
                     await self._stream.send_all(piece)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

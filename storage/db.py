@@ -73,13 +73,28 @@ class Store:
         database.initialize(db)
 
     async def run(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run `work(*args, **kwargs)` in one transaction on a worker thread and return its result."""
+        """Run `work(*args, **kwargs)` in one transaction on a worker thread and return its result.
+        On SQLite the write lock is taken up front (BEGIN IMMEDIATE), so two read-then-write units
+        wait for each other (busy_timeout) instead of failing with "database is locked"."""
+        return await self._unit(work, args, kwargs, write=True)
 
-        # SQLite: take the write lock up front (BEGIN IMMEDIATE), so two read-then-write units wait
-        # for each other (busy_timeout) instead of failing with "database is locked" on upgrade.
-        begin = ("IMMEDIATE",) if isinstance(self.db, peewee.SqliteDatabase) else ()
+    async def read(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Like `run` for units that only read: on SQLite they never wait for the write lock (WAL
+        readers see the last commit). Hot paths (Portal state reads, data-plane authorization) use it."""
+        return await self._unit(work, args, kwargs, write=False)
+
+    async def _unit(self, work: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], *,
+                    write: bool) -> T:
+        sqlite = isinstance(self.db, peewee.SqliteDatabase)
+        begin = ("IMMEDIATE",) if sqlite and write else ()
 
         def unit() -> T:
+            if sqlite:
+                # One connection per worker thread, kept open: opening one (and its pragmas) per
+                # unit cost more than the queries. PostgreSQL units borrow from the pool instead.
+                self.db.connect(reuse_if_open=True)
+                with self.db.atomic(*begin):
+                    return work(*args, **kwargs)
             with self.db.connection_context():
                 with self.db.atomic(*begin):
                     return work(*args, **kwargs)
@@ -93,7 +108,7 @@ class Store:
 
         try:
             with trio.move_on_after(5):
-                return await self.run(probe)
+                return await self.read(probe)
         except peewee.DatabaseError:
             return False
         return False

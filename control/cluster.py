@@ -1,0 +1,238 @@
+"""The replica service: what makes several gateway processes on one PostgreSQL behave as one fleet.
+
+- It registers this replica and heartbeats (storage/cluster.py holds the rules): the poller polls only
+  the agents of the slots this replica holds (`poll_targets`, checked again per poll by `owns`); slots
+  it gains (a dead replica's, or a fresh fleet's) are polled at once through `Poller.targets_grew`.
+- `leader_only(service)` runs a once-per-fleet service (billing scheduler, publishing outbox, job lease
+  reaper) only while this replica holds the fleet-leader lease, and cancels it when the lease is lost.
+- Cross-replica events travel by PostgreSQL NOTIFY on one channel, received on a dedicated LISTEN
+  connection in a worker thread, and are applied to this replica's connections (consoles). An event
+  is also applied locally at once, so the origin never waits for the round trip.
+
+Ownership is judged on this replica's own clock against the renewal it last *started*, so it always
+ends before the lease the database holds lapses: a replica cut off from the database stops polling
+and leading before anyone else may start. Never poll or lead on a lease whose renewal failed.
+
+On SQLite (one process) there is no ClusterService: the poller polls every agent and every service
+runs here, as before. Events still reach this process's own consoles (`FleetEvents` local delivery)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import trio
+
+from gateway.poller import Poller
+from storage import cluster as store_cluster
+from storage.db import Store, is_postgres
+from storage.instances import PollTarget
+
+from .config import Settings
+
+log = logging.getLogger("zlh.cluster")
+
+Service = Callable[..., Awaitable[None]]
+EventHandler = Callable[[dict[str, Any]], None]
+
+LISTEN_WAIT = 1.0  # seconds one LISTEN wait may block its worker thread
+LISTEN_RETRY = 1.0  # seconds between attempts to re-open a lost LISTEN connection
+
+
+def cluster_enabled(settings: Settings, store: Store) -> bool:
+    return settings.cluster == "on" or (settings.cluster == "auto" and is_postgres(store.db))
+
+
+class ClusterService:
+    """This replica's membership: slot ownership for the poller and the fleet-leader lease."""
+
+    def __init__(self, settings: Settings, store: Store, *, address: str | None = None) -> None:
+        self.store = store
+        self.replica_id = settings.replica_id
+        self.address = address
+        self.heartbeat_interval = settings.cluster_heartbeat
+        self.ttl = settings.cluster_lease_ttl
+        self.slot_count = settings.cluster_slots
+        self.poller: Poller | None = None
+        self.slots: frozenset[int] = frozenset()
+        self.live: list[str] = []
+        self._slots_until = 0.0  # trio time; ownership lapses here without a renewal
+        self._leader_until = 0.0
+        self._changed = trio.Event()
+        self.beats = 0
+
+    # --- what the rest of the process asks ----------------------------------------------------------
+
+    def owns(self, instance_id: int) -> bool:
+        return trio.current_time() < self._slots_until and instance_id % self.slot_count in self.slots
+
+    async def poll_targets(self) -> list[PollTarget]:
+        if trio.current_time() >= self._slots_until:
+            return []
+        return await self.store.run(store_cluster.poll_targets_in_slots, self.slots, self.slot_count)
+
+    def is_leader(self) -> bool:
+        return trio.current_time() < self._leader_until
+
+    def attach(self, poller: Poller) -> None:
+        """Partition `poller`: it polls only this replica's agents from now on."""
+        poller.list_targets = self.poll_targets
+        poller.owns = self.owns
+        self.poller = poller
+
+    # --- the heartbeat ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._beat()  # hold a share before the poller's first round
+            task_status.started()
+            while True:
+                await trio.sleep(self.heartbeat_interval)
+                await self._beat()
+        finally:
+            self._slots_until = self._leader_until = 0.0
+            self._signal()
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                try:
+                    await self.store.run(store_cluster.resign, self.replica_id)
+                except Exception:
+                    log.exception("could not resign from the cluster (leases lapse on their own)")
+
+    async def _beat(self) -> None:
+        started = trio.current_time()
+        try:
+            view = await self.store.run(store_cluster.heartbeat, self.replica_id, self.address,
+                                        ttl=self.ttl, slot_count=self.slot_count)
+        except Exception:
+            log.exception("cluster heartbeat failed; ownership lapses unless the next one succeeds")
+            return
+        self.beats += 1
+        gained = view.slots - self.slots if trio.current_time() < self._slots_until else view.slots
+        if view.slots != self.slots or view.live != self.live:
+            log.info("cluster membership", extra={"fields": {
+                "replica": self.replica_id, "live": view.live, "slots": len(view.slots),
+                "leader": view.leader}})
+        self.slots, self.live = view.slots, view.live
+        self._slots_until = started + self.ttl
+        was_leader = self.is_leader()
+        self._leader_until = started + self.ttl if view.leader else 0.0
+        if view.leader != was_leader:
+            log.info("fleet leadership %s", "taken" if view.leader else "lost",
+                     extra={"fields": {"replica": self.replica_id}})
+        if gained and self.poller is not None:
+            self.poller.targets_grew()
+        self._signal()
+
+    def _signal(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _until_changed(self, deadline: float) -> None:
+        with trio.move_on_at(deadline):
+            await self._changed.wait()
+
+    # --- once-per-fleet work ------------------------------------------------------------------------
+
+    def leader_only(self, service: Service) -> Service:
+        """`service` (an `async def run(*, task_status)`) running only while this replica leads."""
+
+        async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            task_status.started()
+            while True:
+                while not self.is_leader():
+                    await self._until_changed(trio.current_time() + self.heartbeat_interval)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(service)
+                    while self.is_leader():
+                        await self._until_changed(self._leader_until)
+                    nursery.cancel_scope.cancel()
+
+        run.__qualname__ = f"leader_only({getattr(service, '__qualname__', service)!s})"
+        return run
+
+
+class FleetEvents:
+    """Cross-replica events: `publish` applies an event here at once and NOTIFYs the other replicas,
+    whose `run` applies it to their own connections. Delivery is prompt (one NOTIFY round trip) but
+    best effort: an event sent while a replica's LISTEN connection is down is missed, which is why the
+    console also re-checks access on its own (ConsoleLimits.access_check_interval)."""
+
+    def __init__(self, store: Store, replica_id: str, *, listen: bool) -> None:
+        self.store = store
+        self.replica_id = replica_id
+        self.listen = listen
+        self.handlers: dict[str, EventHandler] = {}
+        self.received = 0
+
+    def on(self, kind: str, handler: EventHandler) -> None:
+        self.handlers[kind] = handler
+
+    async def publish(self, kind: str, **fields: Any) -> None:
+        event = {"kind": kind, "origin": self.replica_id, **fields}
+        self._apply(event)
+        if self.listen:
+            await self.store.run(store_cluster.notify, json.dumps(event, separators=(",", ":")))
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        handler = self.handlers.get(str(event.get("kind")))
+        if handler is None:
+            return
+        try:
+            handler(event)
+        except Exception:
+            log.exception("cluster event handler failed", extra={"fields": {"kind": event.get("kind")}})
+
+    def _receive(self, payload: str) -> None:
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            return
+        if not isinstance(event, dict) or event.get("origin") == self.replica_id:
+            return
+        self.received += 1
+        self._apply(event)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if not self.listen:
+            task_status.started()
+            await trio.sleep_forever()
+        limiter = trio.CapacityLimiter(1)
+        task_status.started()
+        while True:
+            listener = store_cluster.NotificationListener(self.store.db)
+            try:
+                await trio.to_thread.run_sync(listener.open, limiter=limiter)
+                while True:
+                    payloads = await trio.to_thread.run_sync(partial(listener.wait, LISTEN_WAIT),
+                                                             limiter=limiter, abandon_on_cancel=True)
+                    for payload in payloads:
+                        self._receive(payload)
+            except Exception:
+                log.exception("cluster LISTEN connection lost; re-opening")
+            finally:
+                listener.close()
+            await trio.sleep(LISTEN_RETRY)
+
+
+def wire_console_events(events: FleetEvents, consoles: Any) -> None:
+    """Suspensions and revocations close the consoles this replica holds."""
+    events.on("console.disconnect_instance", lambda e: consoles.disconnect_instance(int(e["instance"])))
+    events.on("console.disconnect_user", lambda e: consoles.disconnect_user(int(e["user"])))
+
+
+SuspendServers = Callable[[int, list[int], str], Awaitable[None]]
+
+
+def fleet_suspender(events: FleetEvents, suspend: SuspendServers) -> SuspendServers:
+    """The billing scheduler's suspension hook, fleet-wide: the consoles of the suspended servers are
+    closed on every replica (whichever one holds them), then this replica stops the servers."""
+
+    async def suspend_servers(user_id: int, instance_ids: list[int], reason: str) -> None:
+        for instance_id in instance_ids:
+            await events.publish("console.disconnect_instance", instance=instance_id, reason=reason)
+        await suspend(user_id, instance_ids, reason)
+
+    return suspend_servers
