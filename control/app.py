@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import re
 import tomllib
-from datetime import timezone
 from collections.abc import Callable
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +36,19 @@ from storage.clock import utcnow
 from storage.db import Store, connect_database
 from storage.migrations import migrate
 
-from . import billing, cluster, console, dev, environments, files, instances, ops, servers
+from . import billing, cluster, console, dev, environments, files, instances, jobs, ops, servers
 from .api import AccessLog, Route, install_error_handlers, make_view, openapi_document
 from .auth import routes as auth
-from . import jobs
 from .auth.tokens import TokenService
 from .config import Settings
 from .demo import ensure_demo
 from .edge import prometheus_sd
 from .edge.configured import edge_publisher
+from .mailer import Mailer
 from .providers.base import Provider
 from .providers.local import LocalProvider
 from .providers.proxmox import ProxmoxProvider
 from .provisioning import Provisioner
-from .mailer import Mailer
 from .services import Services
 
 log = logging.getLogger("zlh.app")
@@ -326,7 +325,7 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
                                            ready_timeout=settings.ready_timeout)
         services.upstream = UpstreamPool()
         services.consoles = ConsoleRelay(console.console_authorizer(services), console.console_still_allowed(services),
-                                         metrics, clock=lambda: utcnow().replace(tzinfo=timezone.utc).timestamp(),
+                                         metrics, clock=lambda: utcnow().replace(tzinfo=UTC).timestamp(),
                                          limits=settings.console_limits)
         services.poller = Poller(store, services.agents, metrics, interval=settings.poll_interval)
         if cluster.cluster_enabled(settings, store):

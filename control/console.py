@@ -9,7 +9,9 @@ from typing import Any
 
 from gateway.console import ConsoleGrant
 from gateway.errors import ApiError
-from storage import billing as store_billing, instances as store_instances, users
+from storage import billing as store_billing
+from storage import instances as store_instances
+from storage import users
 
 from .access import agent_target, may_access
 from .api import Ctx, CurrentUser

@@ -8,7 +8,8 @@ import os
 import secrets
 from pathlib import Path
 
-from storage import instances as store_instances, users
+from storage import instances as store_instances
+from storage import users
 
 from .auth.passwords import hash_password
 from .instances import CreateInstance, provision_instance

@@ -519,6 +519,9 @@ class EnvironmentService:
             await trio.sleep_forever()
         while True:
             await trio.sleep(settings.environment_idle_check_interval)
+            cluster = self.services.cluster
+            if cluster is not None and not cluster.is_leader():
+                continue  # once across the fleet: only the leader replica stops idle environments
             try:
                 await self.idle_round()
             except Exception:

@@ -17,7 +17,8 @@ from gateway.agent_client import forward_agent_result
 from gateway.dataplane import StreamGrant
 from gateway.errors import ApiError
 from gateway.server import Request
-from storage import instances as store_instances, users
+from storage import instances as store_instances
+from storage import users
 
 from .access import agent_target, may_access
 from .api import Body, Ctx, CurrentUser

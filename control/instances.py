@@ -9,7 +9,8 @@ from typing import Annotated, Any, Literal
 import pydantic
 
 from gateway.errors import ApiError
-from storage import instances as store_instances, users
+from storage import instances as store_instances
+from storage import users
 from storage.clock import isoformat
 
 from .access import may_access

@@ -17,7 +17,8 @@ from typing import Any
 import trio
 
 from gateway.agent_client import AgentClient, AgentTarget, describe_failure, is_agent_ready_result
-from storage import instances as store_instances, users
+from storage import instances as store_instances
+from storage import users
 from storage.clock import utcnow
 from storage.db import Store
 

@@ -12,13 +12,15 @@ import pydantic
 
 from gateway.agent_client import forward_agent_result
 from gateway.errors import ApiError
-from storage import billing as store_billing, instances as store_instances, users
+from storage import billing as store_billing
+from storage import instances as store_instances
+from storage import users
 from storage.clock import isoformat, utcnow
 
 from .access import agent_target, owned_instance
 from .api import Body, Ctx
-from .services import Services
 from .lifecycle import InstanceState
+from .services import Services
 
 POWER_HOLD_SECONDS = 60
 STALE_AFTER_INTERVALS = 3

@@ -29,7 +29,12 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream, wrap_server_stream
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    wrap_client_stream,
+    wrap_server_stream,
+)
 
 from .agent_client import AgentTarget
 from .errors import ApiError

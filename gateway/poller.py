@@ -23,7 +23,13 @@ from storage.clock import utcnow
 from storage.db import Store
 from storage.instances import PollResult, PollTarget
 
-from .agent_client import AgentClient, AgentResult, AgentTarget, describe_failure, is_agent_ready_result
+from .agent_client import (
+    AgentClient,
+    AgentResult,
+    AgentTarget,
+    describe_failure,
+    is_agent_ready_result,
+)
 from .metrics import Metrics
 
 log = logging.getLogger("zlh.poller")
@@ -74,8 +80,7 @@ class Poller:
                 await self._round(nursery, limiter, next_round)
                 self.rounds_completed += 1
                 next_round += self.interval
-                if next_round < trio.current_time():
-                    next_round = trio.current_time()
+                next_round = max(next_round, trio.current_time())
                 await self._wait_for_round(nursery, limiter, next_round)
 
     def targets_grew(self) -> None:

@@ -10,6 +10,7 @@ half the throughput). Never call peewee from the Trio thread.
 from __future__ import annotations
 
 from collections.abc import Callable
+import threading
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
@@ -23,8 +24,23 @@ database = peewee.DatabaseProxy()
 T = TypeVar("T")
 
 
+_opened: dict[str, peewee.Database] = {}
+_opened_lock = threading.Lock()
+
+
 def connect_database(url: str, *, max_connections: int = 16) -> peewee.Database:
-    """Open (lazily) the database named by `url`: `sqlite:///path/file.db` or `postgresql://…`."""
+    """The database named by `url` (`sqlite:///path/file.db` or `postgresql://…`), opened lazily.
+
+    One object per URL per process: the models are bound through one proxy, so two objects for the
+    same database in one process would run a unit's queries on a different connection from the one
+    holding its transaction (on SQLite that deadlocks as "database is locked")."""
+    with _opened_lock:
+        if url not in _opened:
+            _opened[url] = _open(url, max_connections)
+        return _opened[url]
+
+
+def _open(url: str, max_connections: int) -> peewee.Database:
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
         path = unquote(parsed.path)
@@ -95,9 +111,8 @@ class Store:
                 self.db.connect(reuse_if_open=True)
                 with self.db.atomic(*begin):
                     return work(*args, **kwargs)
-            with self.db.connection_context():
-                with self.db.atomic(*begin):
-                    return work(*args, **kwargs)
+            with self.db.connection_context(), self.db.atomic(*begin):
+                return work(*args, **kwargs)
 
         return await trio.to_thread.run_sync(unit, limiter=self.limiter)
 
@@ -115,4 +130,4 @@ class Store:
 
     def close(self) -> None:
         if isinstance(self.db, PooledPostgresqlDatabase):
-            self.db.close_all()
+            self.db.close_idle()  # the database object may be shared by other stores

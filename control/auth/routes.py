@@ -10,7 +10,8 @@ from typing import Any
 import pydantic
 
 from gateway.errors import ApiError
-from storage import ratelimit, tokens as token_store, users
+from storage import ratelimit, users
+from storage import tokens as token_store
 from storage.clock import utcnow
 
 from ..api import Body, Ctx
@@ -145,7 +146,6 @@ async def logout(ctx: Ctx) -> None:
             token_store.revoke_family(family, "logout")
 
     await ctx.services.store.run(revoke)
-    return None
 
 
 async def password_reset_request(ctx: Ctx) -> tuple[dict[str, Any], int]:

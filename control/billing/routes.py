@@ -13,7 +13,8 @@ from typing import Annotated, Any
 import pydantic
 
 from gateway.errors import ApiError
-from storage import billing as store_billing, users
+from storage import billing as store_billing
+from storage import users
 from storage.clock import utcnow
 
 from ..api import Body, Ctx, Route

@@ -22,7 +22,8 @@ from typing import Any
 
 import trio
 
-from storage import billing as store_billing, users
+from storage import billing as store_billing
+from storage import users
 from storage.clock import isoformat, utcnow
 
 from ..mailer import Mailer

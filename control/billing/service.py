@@ -15,14 +15,22 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from storage import billing as store_billing, users
+from storage import billing as store_billing
+from storage import users
 from storage.billing import SubscriptionMirror
 from storage.clock import isoformat, utcnow
 from storage.db import Store
 
 from ..config import Settings
-from .entitlement import (NO_SUBSCRIPTION, SUBSCRIBED_STATUSES, Catalog, Standing, effective_plan, lapsed,
-                          next_standing)
+from .entitlement import (
+    NO_SUBSCRIPTION,
+    SUBSCRIBED_STATUSES,
+    Catalog,
+    Standing,
+    effective_plan,
+    lapsed,
+    next_standing,
+)
 from .stripe_api import StripeApi, subscription_mirror
 
 log = logging.getLogger("zlh.billing")

@@ -23,7 +23,8 @@ import stripe
 from quart import request
 
 from gateway.errors import ApiError
-from storage import billing as store_billing, users
+from storage import billing as store_billing
+from storage import users
 
 from ..api import Ctx
 from .service import Billing

@@ -115,14 +115,14 @@ class LocalProvider:
                 announced = _announcement(log_path, pid)
                 if announced is not None:
                     return int(announced["port"]), announced.get("idePort"), pid
-                if not _alive(pid):
+                if not process_alive(pid):
                     raise ProviderError(f"agent for {vmid} exited at start: {_tail(log_path)}")
                 await trio.sleep(0.05)
         _signal(pid, signal.SIGKILL)
         raise ProviderError(f"agent for {vmid} did not start within {START_TIMEOUT:.0f}s")
 
     async def _answers(self, record: dict[str, Any] | None) -> bool:
-        if not record or not record.get("port") or not record.get("pid") or not _alive(record["pid"]):
+        if not record or not record.get("port") or not record.get("pid") or not process_alive(record["pid"]):
             return False
         try:
             async with httpx.AsyncClient(timeout=2) as http:
@@ -134,13 +134,13 @@ class LocalProvider:
 
     async def _kill(self, record: dict[str, Any] | None) -> None:
         pid = record.get("pid") if record else None
-        if not pid or not _alive(pid):
+        if not pid or not process_alive(pid):
             return
         _signal(pid, signal.SIGTERM)
         with trio.move_on_after(5):
-            while _alive(pid):
+            while process_alive(pid):
                 await trio.sleep(0.05)
-        if _alive(pid):
+        if process_alive(pid):
             _signal(pid, signal.SIGKILL)
 
     async def start(self, vmid: int) -> None:
@@ -164,7 +164,7 @@ class LocalProvider:
         record = self._record(vmid)
         if record is None:
             return "missing"
-        return "running" if record.get("pid") and _alive(record["pid"]) else "stopped"
+        return "running" if record.get("pid") and process_alive(record["pid"]) else "stopped"
 
     async def destroy(self, vmid: int) -> None:
         async with self._lock(vmid):
@@ -220,7 +220,7 @@ def _announcement(log_path: Path, pid: int) -> dict[str, Any] | None:
     return None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

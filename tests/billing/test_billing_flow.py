@@ -7,7 +7,8 @@ from typing import Any
 
 from control.instances import CreateInstance, check_plan_limits
 from gateway.errors import ApiError
-from storage import instances as store_instances, users
+from storage import instances as store_instances
+from storage import users
 from tests.billing.conftest import BillingWorld
 from tests.conftest import Gateway
 

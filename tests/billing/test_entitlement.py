@@ -7,7 +7,14 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from control.billing.entitlement import NO_SUBSCRIPTION, Catalog, Standing, coverage, effective_plan, next_standing
+from control.billing.entitlement import (
+    NO_SUBSCRIPTION,
+    Catalog,
+    Standing,
+    coverage,
+    effective_plan,
+    next_standing,
+)
 from storage.billing import OwnedServer, SubscriptionMirror
 
 NOW = datetime(2026, 1, 10, 12, 0)

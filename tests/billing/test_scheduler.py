@@ -7,7 +7,9 @@ import email
 from datetime import timedelta
 from pathlib import Path
 
-from storage import billing as store_billing, clock, instances as store_instances, users
+from storage import billing as store_billing
+from storage import clock, users
+from storage import instances as store_instances
 from storage.models import AuditLog
 from tests.billing.conftest import BillingWorld
 from tests.billing.test_billing_flow import add_servers

@@ -3,10 +3,9 @@ poller, the real API."""
 
 from __future__ import annotations
 
-import os
-
 import trio
 
+from control.providers.local import process_alive
 from storage import instances as store_instances
 from storage.db import connect_database
 from tests.conftest import Gateway
@@ -17,18 +16,6 @@ def _archive_rows(gateway: Gateway, vmid: int) -> list:
     with db.connection_context(), db.bind_ctx([store_instances.InstanceArchive]):
         rows = list(store_instances.InstanceArchive.select().where(store_instances.InstanceArchive.vmid == vmid))
     return rows
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
-    except ChildProcessError:
-        return True
 
 
 async def test_game_server_end_to_end(gateway: Gateway) -> None:
@@ -64,7 +51,7 @@ async def test_game_server_end_to_end(gateway: Gateway) -> None:
     assert archive["payload"]["ports"] == [25565]
     assert len(_archive_rows(gateway, instance["vmid"])) == 1
     with trio.fail_after(10):
-        while _pid_alive(pid):
+        while process_alive(pid):
             await trio.sleep(0.05)
     assert not record.parent.exists()
     again = await gateway.client.delete(f"/api/containers/{instance['vmid']}", headers=gateway.bearer(session))

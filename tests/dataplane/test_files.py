@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from tests.conftest import Gateway
-from tests.dataplane.helpers import (PeakRss, agent_files, generated, kill_agent, make_sparse_file)
+from tests.dataplane.helpers import PeakRss, agent_files, generated, kill_agent, make_sparse_file
 
 MOUNTS = ("/api/servers", "/api/game/servers")
 

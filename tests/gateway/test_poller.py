@@ -36,8 +36,6 @@ async def _fleet_servers(gateway: Gateway, nursery: trio.Nursery) -> tuple[objec
                 provider="sim", agent_host="127.0.0.1", agent_port=fleet.ports[i], agent_secret=fleet.secret(i),
                 state="ready")
             ids.append(instance.id)
-    if hasattr(db, "close_all"):
-        db.close_all()
     return fleet, session, ids
 
 
