@@ -182,7 +182,7 @@ class ReferenceRunner:
                     while chunk := await source.read(UPLOAD_CHUNK):
                         yield chunk
 
-            for attempt in range(UPLOAD_TRIES):  # 503 UPLOAD_RETRY: the gateway asks for the bytes again
+            for attempt in range(UPLOAD_TRIES):  # 503: the gateway is busy or restarting; send again
                 response = await self.client.post(f"/api/v1/jobs/{job_id}/artifacts", params={"name": path.name},
                                                   content=chunks(), headers=self.headers)
                 if response.status_code != 503:

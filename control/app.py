@@ -247,6 +247,8 @@ def data_plane_router(services: Services) -> Callable[[Request], Any]:
         DataRoute(frozenset({"GET"}), re.compile(r"^/api/servers/(?P<id>\d+)/console$"), services.consoles.handle,
                   "console", websocket=True),
         DataRoute(IDE_METHODS, IDE_PATH, ide.handle_path, "ide.path"),
+        DataRoute(frozenset({"POST"}), re.compile(r"^/api/v1/jobs/(?P<job_id>\d+)/artifacts$"),
+                  jobs.artifacts.artifact_upload_handler(services), "jobs.artifact_upload"),
     ]
     return path_router(routes, host_route=ide.host_route)
 

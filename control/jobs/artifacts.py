@@ -8,16 +8,20 @@ after the last chunk, and removed on any failure or disconnect. Never trusts a n
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import trio
-from quart import Response, request
+from quart import Response
 
 from gateway.errors import ApiError
+from gateway.server import Exchange
+from gateway.streams import declared_length
 from storage import jobs as job_store
 from storage.jobs import Runner
 
@@ -53,29 +57,13 @@ def artifact_name(value: str | None) -> str:
     return value
 
 
-def _raise_body_limit(cap: int) -> None:
-    """Quart copies the app-wide MAX_CONTENT_LENGTH (1 MiB, right for JSON) into the request body when
-    the request is created. This route carries artifacts, so it lifts that limit for this request
-    only; the real cap is counted in upload_artifact. Bytes that reached Quart before this ran and
-    went over the app-wide limit were dropped by Quart: such an upload is refused with 503
-    UPLOAD_RETRY, never stored short. A chunked upload (no Content-Length) is only at risk when more
-    than 1 MiB arrives before the handler starts, so runners send artifacts chunked."""
-    request.max_content_length = cap
-    body = request.body
-    if body._must_raise is not None:
-        if body._complete.is_set():
-            raise ApiError(503, "UPLOAD_RETRY", {"reason": "body arrived before the route could accept it"},
-                           headers={"Retry-After": "1"})
-        body._must_raise = None
-    body._max_content_length = cap
-
-
-async def upload_artifact(ctx: Ctx, job_id: int) -> tuple[dict[str, Any], int]:
+async def upload_artifact(ctx: Ctx, job_id: int, chunks: AsyncIterator[bytes],
+                          length: int | None) -> dict[str, Any]:
+    """Stream one artifact to disk. Served on the data plane (see `artifact_upload_handler`), so the
+    body is pulled off the socket only as fast as the disk takes it and is never held whole."""
     cap = ctx.services.settings.artifact_max_bytes
-    length = request.content_length
     if length is not None and length > cap:
         raise ApiError(413, "ARTIFACT_TOO_LARGE", {"max_bytes": cap})
-    _raise_body_limit(cap)
     name = artifact_name(ctx.query.get("name"))
 
     def held(runner: Runner) -> str:
@@ -94,11 +82,11 @@ async def upload_artifact(ctx: Ctx, job_id: int) -> tuple[dict[str, Any], int]:
     size = 0
     try:
         async with await trio.open_file(partial, "wb") as sink:
-            chunks = request.body.__aiter__()
+            iterator = chunks.__aiter__()
             while True:
                 with trio.fail_after(CHUNK_IDLE_TIMEOUT):
                     try:
-                        chunk = await chunks.__anext__()
+                        chunk = await iterator.__anext__()
                     except StopAsyncIteration:
                         break
                 size += len(chunk)
@@ -106,11 +94,6 @@ async def upload_artifact(ctx: Ctx, job_id: int) -> tuple[dict[str, Any], int]:
                     raise ApiError(413, "ARTIFACT_TOO_LARGE", {"max_bytes": cap})
                 digest.update(chunk)
                 await sink.write(chunk)
-        if length is not None and size != length:
-            # Only bytes the app-wide limit dropped before _raise_body_limit ran can be missing here.
-            raise ApiError(503, "UPLOAD_RETRY", {"expected": length, "received": size,
-                                                 "reason": "send artifacts over 1 MiB chunked"},
-                           headers={"Retry-After": "1"})
         await partial.rename(directory / name)
     except trio.TooSlowError as exc:
         raise ApiError(408, "REQUEST_TIMEOUT", {"reason": "upload stalled"}) from exc
@@ -122,7 +105,21 @@ async def upload_artifact(ctx: Ctx, job_id: int) -> tuple[dict[str, Any], int]:
         held(runner)
         return artifact_json(job_store.record_artifact(job_id, name, size, digest.hexdigest()))
 
-    return await as_runner(ctx, record), 201
+    return await as_runner(ctx, record)
+
+
+def artifact_upload_handler(services: Services) -> Callable[[Exchange, dict[str, str]], Awaitable[None]]:
+    """The data-plane route for `POST /api/v1/jobs/{id}/artifacts`."""
+
+    async def handle(exchange: Exchange, params: dict[str, str]) -> None:
+        request_head = exchange.request
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request_head.headers}
+        ctx = Ctx(services, None, None, dict(parse_qsl(request_head.query)), request_head.client or "unknown",
+                  headers)
+        artifact = await upload_artifact(ctx, int(params["job_id"]), exchange.body(), declared_length(exchange))
+        await exchange.respond(201, json.dumps(artifact).encode())
+
+    return handle
 
 
 async def list_artifacts(ctx: Ctx, job_id: int) -> dict[str, Any]:
