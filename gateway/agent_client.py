@@ -26,6 +26,10 @@ class AgentTarget:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def auth_header(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.secret}"}
+
 
 @dataclass(frozen=True)
 class AgentResult:
@@ -55,6 +59,17 @@ class AgentClient:
     def __init__(self, http: httpx.AsyncClient, *, timeout: float = 3.0) -> None:
         self._http = http
         self._timeout = timeout
+        self._urls: dict[tuple[str, int, str], httpx.URL] = {}
+
+    def _url(self, target: AgentTarget, path: str) -> httpx.URL:
+        """Parsed once per agent and route: the poller asks the same few URLs of every agent forever."""
+        key = (target.host, target.port, path)
+        url = self._urls.get(key)
+        if url is None:
+            if len(self._urls) > 50_000:
+                self._urls.clear()
+            url = self._urls[key] = httpx.URL(f"{target.base_url}{path}")
+        return url
 
     async def call(self, target: AgentTarget, method: str, path: str, *, json_body: Any = None,
                    params: dict[str, str] | None = None, timeout: float | None = None) -> AgentResult:
@@ -62,10 +77,10 @@ class AgentClient:
         try:
             response = await self._http.request(
                 method,
-                f"{target.base_url}{path}",
+                self._url(target, path),
                 json=json_body,
                 params=params,
-                headers={"authorization": f"Bearer {target.secret}"},
+                headers=target.auth_header,
                 timeout=timeout or self._timeout,
             )
         except httpx.TimeoutException:

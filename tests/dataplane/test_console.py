@@ -163,3 +163,54 @@ async def test_client_close_releases_the_session(server: tuple[Gateway, dict, di
             if "zlh_console_connections 0.0" in metrics:
                 break
             await trio.sleep(0.05)
+
+
+@pytest.fixture
+def short_tokens(settings: Settings) -> Settings:
+    settings.console_token_ttl = 4
+    settings.console_limits = replace(settings.console_limits, warn_before_expiry=2.5, per_server_connections=2,
+                                      max_message_bytes=1024)
+    return settings
+
+
+async def test_expiry_is_announced_and_re_auth_keeps_the_socket(short_tokens: Settings,
+                                                                server: tuple[Gateway, dict, dict]) -> None:
+    gateway, session, instance = server
+    url = ws_url(gateway, instance["id"])
+    with trio.fail_after(30):
+        async with open_websocket_url(url) as ws:
+            await ws.send_message(json.dumps({"type": "auth", "token": await console_token(gateway, session,
+                                                                                            instance["id"])}))
+            first = json.loads(await ws.get_message())
+            assert first["type"] == "ready"
+            while (frame := json.loads(await ws.get_message()))["type"] != "token-expiring":
+                pass
+            assert frame["expiresAt"] == first["expiresAt"]
+            await ws.send_message(json.dumps({"type": "auth", "token": await console_token(gateway, session,
+                                                                                            instance["id"])}))
+            while (frame := json.loads(await ws.get_message()))["type"] != "ready":
+                pass
+            assert frame["expiresAt"] > first["expiresAt"]
+            # Without another re-auth the socket closes with 4001 when the new token runs out.
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await ws.get_message()
+            assert closed.value.reason.code == 4001
+
+
+async def test_connection_cap_and_message_size_limit(short_tokens: Settings,
+                                                     server: tuple[Gateway, dict, dict]) -> None:
+    gateway, session, instance = server
+    url = ws_url(gateway, instance["id"])
+    token = await console_token(gateway, session, instance["id"])
+    with trio.fail_after(30):
+        async with open_websocket_url(url) as one, open_websocket_url(url) as two:
+            for ws in (one, two):
+                await ws.send_message(json.dumps({"type": "auth", "token": token}))
+                assert json.loads(await ws.get_message())["type"] == "ready"
+            assert await _close_code(url, json.dumps({"type": "auth", "token": token})) == 4009
+            await one.send_message(json.dumps({"type": "command", "command": "x" * 4096}))
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await one.get_message()
+            assert closed.value.reason.code == 1009
