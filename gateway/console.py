@@ -24,22 +24,17 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    WebSocketConnection,
-    wrap_client_stream,
-    wrap_server_stream,
-)
 
 from .agent_client import AgentTarget
 from .errors import ApiError
 from .metrics import Metrics
 from .server import Exchange
+from .websocket import ConnectionClosed, HandshakeFailed, WebSocket, accept, connect
 
 log = logging.getLogger("zlh.console")
 
@@ -121,22 +116,17 @@ class ConsoleRelay:
 
     async def handle(self, exchange: Exchange, params: dict[str, str]) -> None:
         server_id = int(params["id"])
-        stream = exchange.take_over_replayed()
+        stream, _trailing = exchange.take_over()  # exchange.raw holds the upgrade request and anything after it
         exchange.status = 101
-        async with trio.open_nursery() as nursery:
-            try:
-                with trio.fail_after(AUTH_TIMEOUT):
-                    request = await wrap_server_stream(nursery, stream, max_message_size=self.limits.max_message_bytes)
-                    client = await request.accept(subprotocol=_pick_subprotocol(request.proposed_subprotocols))
-            except (trio.TooSlowError, ConnectionClosed, trio.BrokenResourceError):
-                nursery.cancel_scope.cancel()
-                return
-            try:
-                await self._session(client, server_id)
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            with trio.fail_after(AUTH_TIMEOUT):
+                client = await accept(stream, exchange.raw, _pick_subprotocol,
+                                      max_message=self.limits.max_message_bytes)
+        except (trio.TooSlowError, HandshakeFailed, trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        await self._session(client, server_id)
 
-    async def _session(self, client: WebSocketConnection, server_id: int) -> None:
+    async def _session(self, client: WebSocket, server_id: int) -> None:
         self.metrics.open_consoles.inc()
         try:
             grant, since = await self._authenticate_first(client, server_id)
@@ -170,7 +160,7 @@ class ConsoleRelay:
             with trio.CancelScope(shield=True):
                 await _close(client, end.code, end.reason)
 
-    async def _authenticate_first(self, client: WebSocketConnection, server_id: int) -> tuple[ConsoleGrant, int | None]:
+    async def _authenticate_first(self, client: WebSocket, server_id: int) -> tuple[ConsoleGrant, int | None]:
         try:
             with trio.fail_after(AUTH_TIMEOUT):
                 message = await client.get_message()
@@ -194,7 +184,7 @@ class ConsoleRelay:
             code = CLOSE_NOT_FOUND if error.status == 404 else CLOSE_REVOKED if error.status == 403 else CLOSE_AUTH
             raise _SessionEnd(code, error.code) from None
 
-    async def _relay(self, client: WebSocketConnection, server_id: int, grant: ConsoleGrant,
+    async def _relay(self, client: WebSocket, server_id: int, grant: ConsoleGrant,
                      since: int | None) -> _SessionEnd:
         agent = grant.agent
         resource = "/console" + (f"?since={quote(str(since))}" if since is not None else "")
@@ -205,19 +195,17 @@ class ConsoleRelay:
             return _SessionEnd(CLOSE_AGENT, "agent unavailable")
         outcome: list[_SessionEnd] = []
         state = {"grant": grant}
+        try:
+            with trio.fail_after(10):
+                upstream = await connect(upstream_stream, f"{agent.host}:{agent.port}", resource,
+                                         [(b"authorization", f"Bearer {agent.secret}".encode())],
+                                         max_message=4 * 1024 * 1024)
+        except (trio.TooSlowError, HandshakeFailed, OSError, trio.BrokenResourceError) as exc:
+            log.warning("console upstream handshake failed: %s", type(exc).__name__)
+            with trio.CancelScope(shield=True):
+                await upstream_stream.aclose()
+            return _SessionEnd(CLOSE_AGENT, "agent unavailable")
         async with trio.open_nursery() as nursery:
-            try:
-                with trio.fail_after(10):
-                    upstream = await wrap_client_stream(
-                        nursery, upstream_stream, f"{agent.host}:{agent.port}", resource,
-                        extra_headers=[(b"authorization", f"Bearer {agent.secret}".encode())],
-                        max_message_size=4 * 1024 * 1024, receive_buffer_size=64 * 1024)
-            except (trio.TooSlowError, ConnectionClosed, OSError, Exception) as exc:  # handshake refused
-                log.warning("console upstream handshake failed: %s", type(exc).__name__)
-                nursery.cancel_scope.cancel()
-                with trio.CancelScope(shield=True):
-                    await upstream_stream.aclose()
-                return _SessionEnd(CLOSE_AGENT, "agent unavailable")
             await client.send_message(json.dumps({"type": "ready", "expiresAt": grant.expires_at}))
 
             def finish(end: _SessionEnd) -> None:
@@ -230,11 +218,9 @@ class ConsoleRelay:
             nursery.start_soon(self._watch, client, upstream, state, finish)
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await upstream.aclose(CLOSE_NORMAL)
-        with trio.CancelScope(shield=True):
-            await upstream_stream.aclose()
         return outcome[0] if outcome else _SessionEnd(CLOSE_AWAY, "closed")
 
-    async def _client_to_agent(self, client: WebSocketConnection, upstream: WebSocketConnection, server_id: int,
+    async def _client_to_agent(self, client: WebSocket, upstream: WebSocket, server_id: int,
                                state: dict[str, ConsoleGrant], finish: Callable[[_SessionEnd], None]) -> None:
         bucket = _TokenBucket(self.limits.commands_per_second, self.limits.command_burst,
                               tokens=self.limits.command_burst, stamp=trio.current_time())
@@ -268,7 +254,7 @@ class ConsoleRelay:
                 finish(_SessionEnd(CLOSE_POLICY, "unknown frame"))
                 return
 
-    async def _agent_to_client(self, client: WebSocketConnection, upstream: WebSocketConnection,
+    async def _agent_to_client(self, client: WebSocket, upstream: WebSocket,
                                finish: Callable[[_SessionEnd], None]) -> None:
         while True:
             try:
@@ -284,7 +270,7 @@ class ConsoleRelay:
                 finish(_SessionEnd(CLOSE_NORMAL, "client closed"))
                 return
 
-    async def _watch(self, client: WebSocketConnection, upstream: WebSocketConnection,
+    async def _watch(self, client: WebSocket, upstream: WebSocket,
                      state: dict[str, ConsoleGrant], finish: Callable[[_SessionEnd], None]) -> None:
         """Token expiry (warned ahead, enforced at the moment), periodic access re-check, keep-alive pings."""
         warned_for: float | None = None
@@ -328,13 +314,10 @@ def _parse(message: str | bytes) -> dict[str, object] | None:
     return frame if isinstance(frame, dict) else None
 
 
-def _pick_subprotocol(offered: tuple[str, ...]) -> str | None:
+def _pick_subprotocol(offered: Iterable[str]) -> str | None:
     return "zlh-console.v1" if "zlh-console.v1" in offered else None
 
 
-async def _close(connection: WebSocketConnection, code: int, reason: str) -> None:
+async def _close(connection: WebSocket, code: int, reason: str) -> None:
     with trio.move_on_after(2):
-        try:
-            await connection.aclose(code, reason)
-        except Exception:  # the peer may already be gone; closing is best effort
-            pass
+        await connection.aclose(code, reason)  # best effort: never raises for a peer already gone
