@@ -138,7 +138,8 @@ class Poll:
 
 
 class RecordingFleet:
-    """Simulated agents, a port each, recording every `/health` with the replica that sent it."""
+    """Simulated agents, a port each, recording every poll (`/ready`, which starts each one) with the
+    replica that sent it."""
 
     def __init__(self, count: int, replicas: Cluster) -> None:
         self.fleet = Fleet(FleetConfig(count=count, ports_each=True))
@@ -165,7 +166,7 @@ class RecordingFleet:
                 self.fleet.ports.append(port)
 
                 async def handle(request: Request, agent: Any = agent, port: int = port) -> Any:
-                    if request.path == "/health":
+                    if request.path == "/ready":
                         self.polls.append(Poll(agent.index, trio.current_time(), self._replica_of(request, port)))
                     return await serve_simulated(agent, request, request.path)
 
