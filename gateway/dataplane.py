@@ -37,37 +37,28 @@ class FileStreams:
     authorize: Authorize
     metrics: Metrics
 
-    @staticmethod
-    def _agent_headers(grant: StreamGrant, forwarded: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        return [*forwarded, (b"authorization", f"Bearer {grant.agent.secret}".encode())]
+    async def _forward(self, exchange: Exchange, params: dict[str, str], method: str, target: str, *,
+                       upload: bool) -> None:
+        """Authorize, then relay to the agent with only the headers that route needs and the agent's
+        own secret (never the caller's credentials)."""
+        grant = await self.authorize(exchange.request, int(params["id"]))
+        keep = UPLOAD_HEADERS if upload else DOWNLOAD_HEADERS
+        headers = [*request_headers(exchange.request.headers, keep=keep),
+                   (b"authorization", f"Bearer {grant.agent.secret}".encode())]
+        await relay(exchange, self.pool, grant.agent.host, grant.agent.port, method, target, headers,
+                    send_body=upload, upload_limit=grant.upload_limit if upload else None, metrics=self.metrics)
 
     async def download(self, exchange: Exchange, params: dict[str, str]) -> None:
-        grant = await self.authorize(exchange.request, int(params["id"]))
-        headers = self._agent_headers(grant, request_headers(exchange.request.headers, keep=DOWNLOAD_HEADERS))
-        target = "/files/download" + _query(exchange.request)
-        await relay(exchange, self.pool, grant.agent.host, grant.agent.port, "GET", target, headers,
-                    metrics=self.metrics)
+        await self._forward(exchange, params, "GET", "/files/download" + _query(exchange.request), upload=False)
 
     async def upload(self, exchange: Exchange, params: dict[str, str]) -> None:
-        grant = await self.authorize(exchange.request, int(params["id"]))
-        headers = self._agent_headers(grant, request_headers(exchange.request.headers, keep=UPLOAD_HEADERS))
-        target = "/files/upload" + _query(exchange.request)
-        await relay(exchange, self.pool, grant.agent.host, grant.agent.port, "PUT", target, headers,
-                    send_body=True, upload_limit=grant.upload_limit, metrics=self.metrics)
+        await self._forward(exchange, params, "PUT", "/files/upload" + _query(exchange.request), upload=True)
 
     async def upload_chunk(self, exchange: Exchange, params: dict[str, str]) -> None:
-        grant = await self.authorize(exchange.request, int(params["id"]))
-        headers = self._agent_headers(grant, request_headers(exchange.request.headers, keep=UPLOAD_HEADERS))
-        target = f"/files/uploads/{quote(params['upload'])}"
-        await relay(exchange, self.pool, grant.agent.host, grant.agent.port, "PATCH", target, headers,
-                    send_body=True, upload_limit=grant.upload_limit, metrics=self.metrics)
+        await self._forward(exchange, params, "PATCH", f"/files/uploads/{quote(params['upload'])}", upload=True)
 
     async def backup_download(self, exchange: Exchange, params: dict[str, str]) -> None:
-        grant = await self.authorize(exchange.request, int(params["id"]))
-        headers = self._agent_headers(grant, request_headers(exchange.request.headers, keep=DOWNLOAD_HEADERS))
-        target = f"/backups/{quote(params['backup'])}/download"
-        await relay(exchange, self.pool, grant.agent.host, grant.agent.port, "GET", target, headers,
-                    metrics=self.metrics)
+        await self._forward(exchange, params, "GET", f"/backups/{quote(params['backup'])}/download", upload=False)
 
 
 def _query(request: Request) -> str:
