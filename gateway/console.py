@@ -238,7 +238,11 @@ class ConsoleRelay:
                     finish(_SessionEnd(CLOSE_POLICY, "command rate limit exceeded"))
                     return
                 try:
-                    await upstream.send_message(json.dumps({"type": "command", "command": frame["command"]}))  # type: ignore[index]
+                    # Forward the frame as it came when it holds nothing else (re-encoding costs
+                    # latency); anything extra the client put in never reaches the agent.
+                    clean = message if len(frame) == 2 else json.dumps(  # type: ignore[arg-type]
+                        {"type": "command", "command": frame["command"]})  # type: ignore[index]
+                    await upstream.send_message(clean)
                 except ConnectionClosed:
                     finish(_SessionEnd(CLOSE_AWAY, "agent closed"))
                     return
