@@ -52,7 +52,6 @@ import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from enum import Enum
 from typing import Any
 
 import trio
@@ -75,7 +74,13 @@ from .api import Ctx, Route, authenticate, json_response
 from .dev import CODESERVER_TIMEOUT, LIVE_AFTER_INTERVALS, ide_url
 from .instances import CreateInstance, InstancePayload, check_plan_limits
 from .jobs.sealing import SecretBox, SecretUnreadable
-from .lifecycle import IllegalTransition, InstanceState
+from .lifecycle import (
+    ENVIRONMENT_TRANSITIONS,
+    EnvState,
+    IllegalTransition,
+    InstanceState,
+    next_environment_state,
+)
 from .providers.base import ProviderError
 from .provisioning import new_agent_secret
 from .services import Services
@@ -83,41 +88,7 @@ from .services import Services
 log = logging.getLogger("zlh.environments")
 
 BASE = "/api/v1/environments"
-
-
-# --- the lifecycle --------------------------------------------------------------------------------
-
-class EnvState(str, Enum):
-    CREATING = "CREATING"
-    STARTING = "STARTING"
-    RUNNING = "RUNNING"
-    STOPPING = "STOPPING"
-    STOPPED = "STOPPED"
-    ERROR = "ERROR"
-    DELETING = "DELETING"
-
-
 E = EnvState
-IN_PROGRESS = (E.CREATING, E.STARTING, E.STOPPING)
-
-ENVIRONMENT_TRANSITIONS: dict[tuple[EnvState, str], EnvState] = {
-    (E.CREATING, "ready"): E.RUNNING,
-    (E.STOPPED, "start"): E.STARTING,
-    (E.ERROR, "start"): E.STARTING,
-    (E.STARTING, "started"): E.RUNNING,
-    (E.RUNNING, "stop"): E.STOPPING,
-    (E.ERROR, "stop"): E.STOPPING,
-    (E.STOPPING, "stopped"): E.STOPPED,
-    **{(state, "fail"): E.ERROR for state in IN_PROGRESS},
-    **{(state, "delete"): E.DELETING for state in EnvState},
-}
-
-
-def next_environment_state(state: str, event: str) -> EnvState:
-    try:
-        return ENVIRONMENT_TRANSITIONS[(EnvState(state), event)]
-    except (KeyError, ValueError):
-        raise IllegalTransition("environment", state, event) from None
 
 
 # --- the seed's error shape -------------------------------------------------------------------------

@@ -9,17 +9,29 @@ Instance (a container with its agent):
 
 Only `ready` is success: it is reached after the agent is *semantically* ready and the edge routes
 are published. A gateway restart finds instances in provisioning states and resumes them from the
-step they were in (every step is idempotent)."""
+step they were in (every step is idempotent).
+
+Dev environment (the Dev8 API, seed 004), mapped onto its dev container's lifecycle:
+
+    CREATING ──ready──▶ RUNNING ──stop──▶ STOPPING ──stopped──▶ STOPPED ──start──▶ STARTING ──started──▶ RUNNING
+    CREATING | STARTING | STOPPING ──fail──▶ ERROR ──start|stop──▶ STARTING | STOPPING
+    any ──delete──▶ DELETING
+
+(The job lifecycle lives with the job backend, control/jobs/lifecycle.py.)"""
 
 from __future__ import annotations
 
 from enum import Enum
+from typing import TypeVar
 
 
 class IllegalTransition(Exception):
     def __init__(self, kind: str, state: str, event: str) -> None:
         super().__init__(f"{kind}: no transition from {state!r} on {event!r}")
         self.state, self.event = state, event
+
+
+StateT = TypeVar("StateT", bound=Enum)
 
 
 class InstanceState(str, Enum):
@@ -49,12 +61,47 @@ INSTANCE_TRANSITIONS: dict[tuple[InstanceState, str], InstanceState] = {
 }
 
 
-def next_instance_state(state: str, event: str) -> InstanceState:
+def _transition(kind: str, table: dict[tuple[StateT, str], StateT], states: type[StateT], state: str,
+                event: str) -> StateT:
     try:
-        return INSTANCE_TRANSITIONS[(InstanceState(state), event)]
+        return table[(states(state), event)]
     except (KeyError, ValueError):
-        raise IllegalTransition("instance", state, event) from None
+        raise IllegalTransition(kind, state, event) from None
+
+
+def next_instance_state(state: str, event: str) -> InstanceState:
+    return _transition("instance", INSTANCE_TRANSITIONS, InstanceState, state, event)
 
 
 def is_provisioning(state: str) -> bool:
     return state in {s.value for s in PROVISIONING}
+
+
+class EnvState(str, Enum):
+    CREATING = "CREATING"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    STOPPING = "STOPPING"
+    STOPPED = "STOPPED"
+    ERROR = "ERROR"
+    DELETING = "DELETING"
+
+
+E = EnvState
+ENV_IN_PROGRESS = (E.CREATING, E.STARTING, E.STOPPING)
+
+ENVIRONMENT_TRANSITIONS: dict[tuple[EnvState, str], EnvState] = {
+    (E.CREATING, "ready"): E.RUNNING,
+    (E.STOPPED, "start"): E.STARTING,
+    (E.ERROR, "start"): E.STARTING,
+    (E.STARTING, "started"): E.RUNNING,
+    (E.RUNNING, "stop"): E.STOPPING,
+    (E.ERROR, "stop"): E.STOPPING,
+    (E.STOPPING, "stopped"): E.STOPPED,
+    **{(state, "fail"): E.ERROR for state in ENV_IN_PROGRESS},
+    **{(state, "delete"): E.DELETING for state in EnvState},
+}
+
+
+def next_environment_state(state: str, event: str) -> EnvState:
+    return _transition("environment", ENVIRONMENT_TRANSITIONS, EnvState, state, event)

@@ -151,12 +151,6 @@ class Exchange:
         trailing, _closed = self._conn.trailing_data
         return self._stream, bytes(trailing)  # type: ignore[return-value]
 
-    def take_over_replayed(self) -> trio.abc.HalfCloseableStream:
-        """For libraries that parse the handshake themselves: the socket as the client sent it,
-        request head included."""
-        self.upgraded = True
-        return ReplayStream(self._stream, self.raw)  # type: ignore[arg-type]
-
     def _framed(self, event: Any) -> bytes:
         return b"".join(self._framed_pieces(event))
 
@@ -175,34 +169,6 @@ class Exchange:
 
 Handler = Callable[[Exchange, dict[str, str]], Awaitable[None]]
 Router = Callable[[Request], tuple[Handler, dict[str, str], str] | None]
-
-
-class ReplayStream(trio.abc.HalfCloseableStream):
-    """A socket stream that first gives back bytes we already read, so a protocol library sees the
-    connection exactly as the client sent it."""
-
-    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
-        self._stream = stream
-        self._prefix = prefix
-        self.socket = stream.socket
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            data, self._prefix = self._prefix, b""
-            return data
-        return await self._stream.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self._stream.send_eof()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
 
 
 @dataclass

@@ -9,8 +9,8 @@ half the throughput). Never call peewee from the Trio thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse

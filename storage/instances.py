@@ -4,14 +4,14 @@ through Store.run). The poller is the only writer of AgentState."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import peewee
 
 from .clock import utcnow
-from .models import AgentState, Instance, InstanceArchive, User
+from .models import AgentState, Instance, InstanceArchive
 
 FIRST_VMID = 1000
 
@@ -104,10 +104,6 @@ def archive_orphan(vmid: int, reason: str) -> InstanceArchive:
     return InstanceArchive.create(vmid=vmid, reason=reason, final_state="orphan")
 
 
-def archived(vmid: int) -> list[InstanceArchive]:
-    return list(InstanceArchive.select().where(InstanceArchive.vmid == vmid).order_by(InstanceArchive.id))
-
-
 # --- normalized agent state -------------------------------------------------------------------
 
 
@@ -194,8 +190,3 @@ def server_rows(owner_id: int | None, instance_id: int | None = None) -> list[tu
         agent = SimpleNamespace(**{c: row[f"a_{c}"] for c in _AGENT_COLUMNS}) if row["a_alive"] is not None else None
         rows.append((instance, agent))
     return rows
-
-
-def owner_email(user_id: int) -> str | None:
-    user = User.get_or_none(User.id == user_id)
-    return user.email if user else None

@@ -76,11 +76,6 @@ def revoke_all_families(user_id: int, reason: str) -> None:
     ).execute()
 
 
-def family_revoked(family_id: str) -> bool:
-    family = RefreshFamily.get_or_none(RefreshFamily.id == family_id)
-    return family is None or family.revoked_at is not None
-
-
 def add_password_reset(user_id: int, token_hash: str, expires_at: datetime) -> None:
     PasswordReset.create(user=user_id, token_hash=token_hash, expires_at=expires_at)
 

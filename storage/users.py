@@ -44,10 +44,6 @@ def set_role(user_id: int, role: str) -> None:
     User.update(role=role).where(User.id == user_id).execute()
 
 
-def count_users() -> int:
-    return User.select().count()
-
-
 def ensure_plans(plans: list[dict[str, Any]]) -> None:
     """Insert or update the configured plans (the operator's source of truth is configuration)."""
     for plan in plans:
