@@ -59,17 +59,6 @@ class AgentClient:
     def __init__(self, http: httpx.AsyncClient, *, timeout: float = 3.0) -> None:
         self._http = http
         self._timeout = timeout
-        self._urls: dict[tuple[str, int, str], httpx.URL] = {}
-
-    def _url(self, target: AgentTarget, path: str) -> httpx.URL:
-        """Parsed once per agent and route: the poller asks the same few URLs of every agent forever."""
-        key = (target.host, target.port, path)
-        url = self._urls.get(key)
-        if url is None:
-            if len(self._urls) > 50_000:
-                self._urls.clear()
-            url = self._urls[key] = httpx.URL(f"{target.base_url}{path}")
-        return url
 
     async def call(self, target: AgentTarget, method: str, path: str, *, json_body: Any = None,
                    params: dict[str, str] | None = None, timeout: float | None = None) -> AgentResult:
@@ -77,7 +66,7 @@ class AgentClient:
         try:
             response = await self._http.request(
                 method,
-                self._url(target, path),
+                f"{target.base_url}{path}",
                 json=json_body,
                 params=params,
                 headers=target.auth_header,
