@@ -226,8 +226,11 @@ class UpstreamPool:
 
 
 def _peer_closed(stream: trio.SocketStream) -> bool:
+    """True when an idle socket is readable: the peer closed it (or sent bytes nobody asked for).
+    poll(), not select(): select() refuses descriptors past 1024, and a fleet holds thousands."""
+    poller = select.poll()
     try:
-        readable, _, _ = select.select([stream.socket.fileno()], [], [], 0)
+        poller.register(stream.socket.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
-    return bool(readable)
