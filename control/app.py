@@ -22,6 +22,7 @@ from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
 
 from gateway.agent_client import AgentClient
+from gateway.agent_http import SmallCallPool
 from gateway.asgi import asgi_handler
 from gateway.console import ConsoleRelay
 from gateway.dataplane import DataRoute, FileStreams, path_router
@@ -318,7 +319,7 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
             metrics=metrics,
             mailer=Mailer(settings.data_dir / "outbox"),
         )
-        services.agents = AgentClient(UpstreamPool(connect_timeout=settings.agent_timeout),
+        services.agents = AgentClient(SmallCallPool(connect_timeout=settings.agent_timeout),
                                       timeout=settings.agent_timeout)
         services.edge, services.edge_outbox = edge_publisher(settings, store)
         services.provisioner = Provisioner(store, build_provider(settings, store), services.edge, services.agents,

@@ -130,7 +130,7 @@ class UpstreamPool:
         while idle:
             connection = idle.pop()
             # An idle keep-alive socket the peer closed shows up as readable; never reuse it.
-            if not _peer_closed(connection.stream):
+            if not peer_closed(connection.stream):
                 return connection
             await connection.stream.aclose()
         with trio.move_on_after(self.connect_timeout) as scope:
@@ -225,7 +225,7 @@ class UpstreamPool:
         self._idle.clear()
 
 
-def _peer_closed(stream: trio.SocketStream) -> bool:
+def peer_closed(stream: trio.SocketStream) -> bool:
     """True when an idle socket is readable: the peer closed it (or sent bytes nobody asked for).
     poll(), not select(): select() refuses descriptors past 1024, and a fleet holds thousands."""
     poller = select.poll()

@@ -24,18 +24,19 @@ from bench.agent.fields import json_object, required
 from bench.agent.http import (
     AbortConnection,
     ApiError,
-    Outcome,
     Request,
     Response,
     bound_port,
     json_response,
     open_listeners,
-    serve_listeners,
 )
+from bench.agent.small_http import SmallRequest, serve_small
 
 GARBAGE = b'{"ready": tru\x00e, "state": '
 SIMULATED_VERSION = "1.20.1"
 LATEST_VERSION = "1.20.2"
+# The simulator serves on the lean server; tests may drive the same handlers from the reference one.
+SimRequest = Request | SmallRequest
 
 
 @dataclass
@@ -82,33 +83,33 @@ class SimulatedAgent:
         }
 
 
-SimulatedHandler = Callable[[SimulatedAgent, Request], Awaitable[Response]]
+SimulatedHandler = Callable[[SimulatedAgent, SimRequest], Awaitable[Response]]
 
 
-async def health(agent: SimulatedAgent, request: Request) -> Response:
+async def health(agent: SimulatedAgent, request: SimRequest) -> Response:
     return json_response({"ok": True})
 
 
-async def ready(agent: SimulatedAgent, request: Request) -> Response:
+async def ready(agent: SimulatedAgent, request: SimRequest) -> Response:
     if agent.fault("notready"):
         return json_response({"ready": False, "state": "installing"})
     return json_response({"ready": True, "state": agent.current_state()})
 
 
-async def status(agent: SimulatedAgent, request: Request) -> Response:
+async def status(agent: SimulatedAgent, request: SimRequest) -> Response:
     return json_response(agent.status())
 
 
-async def version(agent: SimulatedAgent, request: Request) -> Response:
+async def version(agent: SimulatedAgent, request: SimRequest) -> Response:
     return json_response({"version": agent.version})
 
 
-async def update_info(agent: SimulatedAgent, request: Request) -> Response:
+async def update_info(agent: SimulatedAgent, request: SimRequest) -> Response:
     return json_response({"updateAvailable": agent.version != LATEST_VERSION,
                           "current": agent.version, "latest": LATEST_VERSION})
 
 
-async def apply_update(agent: SimulatedAgent, request: Request) -> Response:
+async def apply_update(agent: SimulatedAgent, request: SimRequest) -> Response:
     state = agent.current_state()
     if state not in ("stopped", "crashed"):
         raise ApiError(409, "CONFLICT", {"reason": "stop the server first", "state": state})
@@ -118,7 +119,7 @@ async def apply_update(agent: SimulatedAgent, request: Request) -> Response:
                           "current": agent.version, "latest": LATEST_VERSION})
 
 
-async def players(agent: SimulatedAgent, request: Request) -> Response:
+async def players(agent: SimulatedAgent, request: SimRequest) -> Response:
     return json_response({"players": agent.status()["players"]})
 
 
@@ -126,28 +127,28 @@ def conflict(action: str, state: str) -> ApiError:
     return ApiError(409, "CONFLICT", {"reason": f"cannot {action} while {state}", "state": state})
 
 
-async def start(agent: SimulatedAgent, request: Request) -> Response:
+async def start(agent: SimulatedAgent, request: SimRequest) -> Response:
     state = agent.current_state()
     if state not in ("stopped", "crashed"):
         raise conflict("start", state)
     return json_response({"state": agent.move("starting", "running")})
 
 
-async def stop(agent: SimulatedAgent, request: Request) -> Response:
+async def stop(agent: SimulatedAgent, request: SimRequest) -> Response:
     state = agent.current_state()
     if state not in ("starting", "running"):
         raise conflict("stop", state)
     return json_response({"state": agent.move("stopping", "stopped")})
 
 
-async def restart(agent: SimulatedAgent, request: Request) -> Response:
+async def restart(agent: SimulatedAgent, request: SimRequest) -> Response:
     state = agent.current_state()
     if state == "stopping":
         raise conflict("restart", state)
     return json_response({"state": agent.move("starting", "running")})
 
 
-async def console_command(agent: SimulatedAgent, request: Request) -> Response:
+async def console_command(agent: SimulatedAgent, request: SimRequest) -> Response:
     command = required(await json_object(request), "command", str)
     state = agent.current_state()
     if not command.strip():
@@ -174,7 +175,7 @@ SIMULATED_ROUTES: dict[tuple[str, str], SimulatedHandler] = {
 SIMULATED_PATHS = {path for _, path in SIMULATED_ROUTES}
 
 
-async def serve_simulated(agent: SimulatedAgent, request: Request, path: str) -> Response:
+async def serve_simulated(agent: SimulatedAgent, request: SimRequest, path: str) -> Response:
     """One request to one simulated agent: network faults, auth, then the route."""
     if agent.faults:
         flap = agent.fault("flap")
@@ -237,7 +238,7 @@ class Fleet:
                 "faulty": {str(agent.index): [str(f) for f in agent.faults]
                            for agent in self.agents if agent.faults}}
 
-    async def serve_shared_port(self, request: Request) -> Outcome:
+    async def serve_shared_port(self, request: SimRequest) -> Response:
         number, _, rest = request.path.removeprefix("/a/").partition("/")
         if not request.path.startswith("/a/") or not number.isdigit() \
                 or int(number) >= len(self.agents):
@@ -258,16 +259,16 @@ async def serve_fleet(
             for agent in fleet.agents:
                 listeners = await open_listeners(config.host, 0)
                 fleet.ports.append(bound_port(listeners))
-                await nursery.start(serve_listeners, one_agent_handler(agent), listeners)
+                await nursery.start(serve_small, one_agent_handler(agent), listeners)
         else:
             listeners = await open_listeners(config.host, config.port)
             fleet.port = bound_port(listeners)
-            await nursery.start(serve_listeners, fleet.serve_shared_port, listeners)
+            await nursery.start(serve_small, fleet.serve_shared_port, listeners)
         task_status.started(fleet)
 
 
-def one_agent_handler(agent: SimulatedAgent) -> Callable[[Request], Awaitable[Outcome]]:
-    async def handle(request: Request) -> Outcome:
+def one_agent_handler(agent: SimulatedAgent) -> Callable[[SimRequest], Awaitable[Response]]:
+    async def handle(request: SimRequest) -> Response:
         return await serve_simulated(agent, request, request.path)
 
     return handle
