@@ -226,7 +226,7 @@ class ConsoleRelay:
                               tokens=self.limits.command_burst, stamp=trio.current_time())
         while True:
             try:
-                message = await client.get_message()
+                message, raw = await client.next_message_raw()
             except ConnectionClosed as closed:
                 code = closed.reason.code if closed.reason else CLOSE_NORMAL
                 finish(_SessionEnd(CLOSE_TOO_BIG if code == CLOSE_TOO_BIG else CLOSE_NORMAL, "client closed"))
@@ -238,11 +238,13 @@ class ConsoleRelay:
                     finish(_SessionEnd(CLOSE_POLICY, "command rate limit exceeded"))
                     return
                 try:
-                    # Forward the frame as it came when it holds nothing else (re-encoding costs
-                    # latency); anything extra the client put in never reaches the agent.
-                    clean = message if len(frame) == 2 else json.dumps(  # type: ignore[arg-type]
-                        {"type": "command", "command": frame["command"]})  # type: ignore[index]
-                    await upstream.send_message(clean)
+                    # Forward the client's frame as it came (masked, as the agent expects from a
+                    # client) when it holds nothing else; anything extra never reaches the agent.
+                    if len(frame) == 2:  # type: ignore[arg-type]
+                        await upstream.send_raw(raw)
+                    else:
+                        await upstream.send_message(json.dumps(
+                            {"type": "command", "command": frame["command"]}))  # type: ignore[index]
                 except ConnectionClosed:
                     finish(_SessionEnd(CLOSE_AWAY, "agent closed"))
                     return
@@ -262,14 +264,14 @@ class ConsoleRelay:
                                finish: Callable[[_SessionEnd], None]) -> None:
         while True:
             try:
-                message = await upstream.get_message()
+                frames = await upstream.forward_messages()  # as the agent sent them: valid for the client
             except ConnectionClosed as closed:
                 code = closed.reason.code if closed.reason else CLOSE_AGENT
                 finish(_SessionEnd(CLOSE_AWAY if code in (CLOSE_NORMAL, CLOSE_AWAY) else CLOSE_AGENT,
                                    "agent closed the console"))
                 return
             try:
-                await client.send_message(message)
+                await client.send_raw(frames)
             except ConnectionClosed:
                 finish(_SessionEnd(CLOSE_NORMAL, "client closed"))
                 return
