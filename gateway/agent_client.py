@@ -77,13 +77,15 @@ class AgentClient:
             body = json.dumps(json_body).encode()
             headers += JSON_HEADERS
         try:
-            with trio.fail_after(timeout or self._timeout):
+            with trio.CancelScope(deadline=trio.current_time() + (timeout or self._timeout)) as scope:
                 status, raw = await self._pool.call(target.host, target.port, method, path, headers, body,
                                                     limit=MAX_ANSWER_BYTES)
-        except (trio.TooSlowError, UpstreamTimeout):
+        except UpstreamTimeout:
             return AgentResult(0, error="timeout")
         except UpstreamError as exc:
             return AgentResult(0, error=f"unreachable: {type(exc).__name__}")
+        if scope.cancelled_caught:
+            return AgentResult(0, error="timeout")
         if not raw:
             return AgentResult(status, None, raw=raw)
         try:

@@ -3,8 +3,9 @@ idle list per agent, answers parsed by llhttp (httptools, the parser uvicorn use
 
 The poller makes two of these calls per agent per interval, so at thousands of agents the parsing is
 most of the gateway's work: h11 in pure Python cost about 150 µs of CPU per call here, llhttp a tenth
-of that. Streams, uploads and protocol upgrades stay on `gateway/upstream.py`; nothing here holds
-more than `limit` bytes of an answer. Every call is bounded by the caller's timeout."""
+of that; the socket is read and written directly (gateway/fdio.py). Streams, uploads and protocol
+upgrades stay on `gateway/upstream.py`; nothing here holds more than `limit` bytes of an answer.
+Every call is bounded by the caller's timeout."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import httptools
 import trio
 
+from . import fdio
 from .upstream import UpstreamBroken, UpstreamError, UpstreamTimeout, peer_closed
 
 RECEIVE_SIZE = 64 * 1024
@@ -71,14 +73,14 @@ class SmallCallPool:
             if body:
                 head.append(body)
             try:
-                await stream.send_all(b"".join(head))
+                await fdio.send_all(stream, b"".join(head))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise UpstreamBroken(str(exc)) from exc
             answer = _Answer(limit)
             parser = answer.parser
             while not answer.complete:
                 try:
-                    data = await stream.receive_some(RECEIVE_SIZE)
+                    data = await fdio.receive_some(stream, RECEIVE_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     raise UpstreamBroken(str(exc)) from exc
                 if not data:

@@ -11,11 +11,9 @@ measurement put most of it in the endpoint, not the network.
   browser's frame (masked) is a valid frame for the agent. `forward_messages` and
   `next_message_raw` hand out the raw bytes of whole messages so the relay can pass them on as they
   came, after looking at them.
-- trio's SocketStream adds a scheduler pass after every successful call and a lock another; on a
-  plain TCP socket this endpoint waits until readable, then reads once, and writes at once, waiting
-  only when the kernel's buffer is full (a 2-hop relay on one core: 79 µs round trip through
-  SocketStream, 30 µs like this). Waiting before every read keeps each read a checkpoint, so a
-  flooding peer cannot starve the other tasks.
+- trio's SocketStream adds a scheduler pass after every successful call, and a lock another: the
+  endpoint uses the socket's descriptor directly (gateway/fdio.py) and takes its write lock without
+  a checkpoint when no other task holds it.
 Handshakes are parsed by h11 and the accept key computed by wsproto. No extension is ever
 negotiated, so a frame with a reserved bit set is a protocol error (1002)."""
 
@@ -29,6 +27,8 @@ from dataclasses import dataclass
 import h11
 import trio
 from wsproto.utilities import generate_accept_token
+
+from . import fdio
 
 RECEIVE_SIZE = 64 * 1024
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -136,10 +136,9 @@ def _next_frame(buffer: bytearray, start: int, *, masked: bool, limit: int) -> _
 
 
 class WebSocket:
-    def __init__(self, stream: trio.abc.Stream, *, client_side: bool, max_message: int,
+    def __init__(self, stream: trio.SocketStream, *, client_side: bool, max_message: int,
                  subprotocol: str | None = None, received: bytes = b"") -> None:
         self.stream = stream
-        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         self._client_side = client_side  # a client masks what it sends; a server receives masked frames
         self._max = max_message
         self._send_lock = trio.Lock()
@@ -162,29 +161,12 @@ class WebSocket:
         except trio.WouldBlock:
             await self._send_lock.acquire()
         try:
-            if self._fd is None:
-                await self.stream.send_all(data)
-            else:
-                await self._write(data)
+            await fdio.send_all(self.stream, data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.closed = self.closed or CloseReason(CLOSE_LOST, "connection lost")
             raise ConnectionClosed(self.closed) from exc
         finally:
             self._send_lock.release()
-
-    def _open_fd(self) -> int:
-        """The socket's descriptor, refused once the socket is closed (the number may be reused)."""
-        if self.stream.socket.fileno() < 0:  # type: ignore[attr-defined]
-            raise trio.ClosedResourceError("websocket socket closed")
-        return self._fd  # type: ignore[return-value]
-
-    async def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[os.write(self._open_fd(), view):]
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self._open_fd())
 
     async def _send_frame(self, opcode: int, payload: bytes) -> None:
         await self._send_bytes(encode_frame(opcode, payload, mask=self._client_side))
@@ -209,21 +191,11 @@ class WebSocket:
 
     # --- reading ---
 
-    async def _receive(self) -> bytes:
-        if self._fd is None:
-            return await self.stream.receive_some(RECEIVE_SIZE)
-        while True:
-            await trio.lowlevel.wait_readable(self._open_fd())
-            try:
-                return os.read(self._open_fd(), RECEIVE_SIZE)
-            except BlockingIOError:
-                continue
-
     async def _fill(self) -> None:
         if self.closed is not None:
             raise ConnectionClosed(self.closed)
         try:
-            data = await self._receive()
+            data = await fdio.receive_some(self.stream, RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             data = b""
         if not data:
@@ -353,7 +325,7 @@ def _tokens(value: str) -> list[str]:
     return [token.strip() for token in value.split(",") if token.strip()]
 
 
-async def accept(stream: trio.abc.Stream, raw: bytes, pick: Callable[[Iterable[str]], str | None], *,
+async def accept(stream: trio.SocketStream, raw: bytes, pick: Callable[[Iterable[str]], str | None], *,
                  max_message: int) -> WebSocket:
     """Server side: `raw` holds the client's upgrade request exactly as it arrived (and anything after)."""
     parser = h11.Connection(h11.SERVER)
@@ -387,7 +359,7 @@ async def accept(stream: trio.abc.Stream, raw: bytes, pick: Callable[[Iterable[s
                      received=bytes(received))
 
 
-async def connect(stream: trio.abc.Stream, host: str, resource: str, headers: list[tuple[bytes, bytes]], *,
+async def connect(stream: trio.SocketStream, host: str, resource: str, headers: list[tuple[bytes, bytes]], *,
                   max_message: int) -> WebSocket:
     """Client side over an open stream (the caller bounds the time)."""
     key = base64.b64encode(os.urandom(16))
