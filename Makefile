@@ -41,6 +41,6 @@ bench-tools:
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx wrk curl)
 
 # Full suite (~10 min); BENCH_ARGS="--quick" for the CI-sized run, "--json out.json --plot out.png" to keep results.
-bench: $(VENV)/.installed bench-tools
+bench: $(VENV)/.installed bench-tools pg-binaries
 	@$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m bench $(BENCH_ARGS)

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--idle-consoles", type=int, help="open consoles (default 1000; quick 100)")
     parser.add_argument("--fleet", type=lambda s: tuple(int(p) for p in s.split(",")),
                         help="poller fleet sizes to try in order (default 1000,2000,3000,4000; quick 200)")
+    parser.add_argument("--cluster-fleet", type=int,
+                        help="simulated agents for the 2-replica cluster poller (default 10000; quick 300)")
     parser.add_argument("--poll-interval", type=float, default=5.0, help="poller interval (default 5 s)")
     parser.add_argument("--nginx-keepalive", action="store_true",
                         help="give nginx upstream keep-alive (default off, nginx's default)")
@@ -92,6 +94,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         api_servers=args.api_servers or (20 if quick else 100),
         idle_consoles=args.idle_consoles or (100 if quick else 1000),
         fleet_sizes=args.fleet or ((200,) if quick else (1000, 2000, 3000, 4000)),
+        cluster_fleet=args.cluster_fleet or (300 if quick else 10000),
         poll_interval=args.poll_interval,
         poll_rounds=1 if quick else 3,
         nginx_keepalive=bool(args.nginx_keepalive),

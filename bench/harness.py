@@ -64,6 +64,7 @@ class RunConfig:
     api_servers: int
     idle_consoles: int
     fleet_sizes: tuple[int, ...]
+    cluster_fleet: int
     poll_interval: float
     poll_rounds: int
     nginx_keepalive: bool
@@ -209,13 +210,18 @@ class Fleet:
     ports: list[int]
     secret_prefix: str
 
+    def rows(self) -> list[AgentRow]:
+        """One instance row per simulated agent (agent i's secret is the prefix and i)."""
+        return [AgentRow("game", port, f"{self.secret_prefix}{index}") for index, port in enumerate(self.ports)]
+
 
 @asynccontextmanager
-async def running_fleet(workdir: Path, cores: CorePlan, count: int) -> AsyncIterator[Fleet]:
+async def running_fleet(workdir: Path, cores: CorePlan, count: int, *,
+                        name: str | None = None) -> AsyncIterator[Fleet]:
     prefix = f"sim-{secrets.token_hex(4)}-"
     argv = [sys.executable, "-m", "bench.agent", "--simulate", "--count", str(count), "--ports-each",
             "--secret-prefix", prefix, "--host", "127.0.0.1"]
-    async with running(f"fleet-{count}", argv, cores=cores.load, log_dir=workdir, cwd=REPO) as child:
+    async with running(name or f"fleet-{count}", argv, cores=cores.load, log_dir=workdir, cwd=REPO) as child:
         announced = await child.wait_for_line(_announcement, START_TIMEOUT + count / 100)
         assert isinstance(announced, dict)
         ports = [int(p) for p in announced["ports"]]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from bench.harness import Suite
 from bench.results import ScenarioResult
+from bench.scenarios.cluster_poller import cluster_poller
 from bench.scenarios.poller_scale import poller_scale
 from bench.scenarios.small_requests import control_api_reads, ide_small_gets
 from bench.scenarios.transfers import flat_memory, large_download, large_upload
@@ -39,4 +40,6 @@ SCENARIOS = [
     Scenario("api_reads", "GET /api/servers at N servers: req/s, p50/p99", control_api_reads),
     Scenario("idle_consoles", "proxy RSS with many idle console websockets", idle_consoles),
     Scenario("poller", "largest fleet polled on time; gateway CPU per 1,000 agents", poller_scale),
+    Scenario("cluster_poller", "10,000 agents, 2 replicas on PostgreSQL: on time?; CPU and PostgreSQL "
+             "load per replica", cluster_poller),
 ]

@@ -14,12 +14,10 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
+import httpx
 import trio
 
 from bench.harness import (
-    AgentRow,
-    Fleet,
-    RunningGateway,
     Suite,
     insert_instances,
     register,
@@ -52,9 +50,9 @@ def staleness(now: datetime) -> tuple[float, int, int]:
     return oldest, never, dead
 
 
-async def polls_done(suite: Suite, gateway: RunningGateway) -> float:
-    """The gateway's completed polls so far (all outcomes), from its /metrics."""
-    response = await suite.http.get(f"{gateway.url}/metrics")
+async def polls_done(http: httpx.AsyncClient, gateway_url: str) -> float:
+    """A gateway's completed polls so far (all outcomes), from its /metrics."""
+    response = await http.get(f"{gateway_url}/metrics")
     total = 0.0
     for line in response.text.splitlines():
         if line.startswith("zlh_poller_polls_total"):
@@ -68,7 +66,7 @@ async def measure_step(suite: Suite, result: ScenarioResult, count: int) -> dict
             running_gateway(suite.workdir, suite.cores, name=f"poller-gateway-{count}",
                             poll_interval=interval) as gateway:
         session = await register(suite.http, gateway.url, "poller@example.com")
-        await gateway.storage(insert_instances, session.user_id, _rows(fleet), "sim")
+        await gateway.storage(insert_instances, session.user_id, fleet.rows(), "sim")
         # Every agent polled once (the first round may have started before the rows existed).
         with trio.move_on_after(interval * 4 + 10):
             while True:
@@ -78,7 +76,7 @@ async def measure_step(suite: Suite, result: ScenarioResult, count: int) -> dict
                 await trio.sleep(SAMPLE_SECONDS)
         window = interval * suite.config.poll_rounds
         pids = gateway.pids()
-        polls_before, cpu_before, started = await polls_done(suite, gateway), cpu_seconds(pids), time.monotonic()
+        polls_before, cpu_before, started = await polls_done(suite.http, gateway.url), cpu_seconds(pids), time.monotonic()
         worst, never, dead = 0.0, 0, 0
         async with cores_watched(result):
             while time.monotonic() - started < window:
@@ -87,7 +85,7 @@ async def measure_step(suite: Suite, result: ScenarioResult, count: int) -> dict
                 worst, never, dead = max(worst, oldest), max(never, never_now), max(dead, dead_now)
         elapsed = time.monotonic() - started
         cpu_share = (cpu_seconds(pids) - cpu_before) / elapsed
-        polls = await polls_done(suite, gateway) - polls_before
+        polls = await polls_done(suite.http, gateway.url) - polls_before
         if fleet.child.process.poll() is not None:
             raise BenchError(f"the simulated fleet exited during the step:\n{fleet.child.tail()}")
     expected = count * elapsed / interval
@@ -99,10 +97,6 @@ async def measure_step(suite: Suite, result: ScenarioResult, count: int) -> dict
                         f"polls, oldest poll {worst:.1f} s, {never} never polled, {dead} not alive, "
                         f"gateway CPU {cpu_share:.0%} of one core")
     return {"on_time": float(on_time), "cpu_share": cpu_share}
-
-
-def _rows(fleet: Fleet) -> list[AgentRow]:
-    return [AgentRow("game", port, f"{fleet.secret_prefix}{index}") for index, port in enumerate(fleet.ports)]
 
 
 async def poller_scale(suite: Suite) -> ScenarioResult:
