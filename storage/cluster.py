@@ -30,8 +30,8 @@ import peewee
 
 from .clock import utcnow
 from .db import database, is_postgres
-from .instances import PollTarget, poll_targets
-from .models import BaseModel
+from .instances import PollTarget, poll_targets_where
+from .models import BaseModel, Instance
 
 CHANNEL = "zlh_cluster"
 LEADER = "fleet-leader"
@@ -173,10 +173,13 @@ def live_replicas(ttl: float) -> list[ClusterReplica]:
 
 def poll_targets_in_slots(slots: Iterable[int], slot_count: int) -> list[PollTarget]:
     """The pollable agents whose slot is in `slots`."""
-    wanted = set(slots)
+    wanted = sorted(set(slots))
     if not wanted:
         return []
-    return [t for t in poll_targets() if t.instance_id % slot_count in wanted]
+    # id mod slot_count, written so both databases agree (peewee's `%` means LIKE; `/` of integers
+    # truncates in both)
+    slot = Instance.id - (Instance.id / slot_count) * slot_count
+    return poll_targets_where(slot.in_(wanted))
 
 
 # --- notifications ------------------------------------------------------------------------------

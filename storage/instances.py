@@ -128,10 +128,46 @@ class PollResult:
     details: dict[str, Any] | None = None  # version / update / players at the slow cadence
 
 
-def poll_targets(states: tuple[str, ...] = ("ready", "awaiting_ready", "publishing")) -> list[PollTarget]:
+POLLED_STATES = ("ready", "awaiting_ready", "publishing")
+
+
+def poll_targets() -> list[PollTarget]:
+    return poll_targets_where(None)
+
+
+@dataclass(frozen=True)
+class PollFreshness:
+    """How fresh the poller's view is, as stored: what the Portal would read."""
+
+    oldest: datetime | None  # the least recent last poll (None when no agent was polled)
+    late: list[int]  # instances never polled, not alive, or last polled before the cutoff
+    never: int
+    dead: int
+
+
+def poll_freshness(cutoff: datetime) -> PollFreshness:
+    """One aggregate and one narrow query, for watching thousands of agents every second (reading
+    whole server rows for that cost a sixth of a core at 10,000 agents)."""
+    oldest = AgentState.select(peewee.fn.MIN(AgentState.polled_at)).scalar()
+    rows = (AgentState.select(AgentState.instance, AgentState.polled_at, AgentState.alive)
+            .where(AgentState.polled_at.is_null() | (AgentState.polled_at < cutoff) | ~AgentState.alive)
+            .tuples())
+    late, never, dead = [], 0, 0
+    for instance_id, polled_at, alive in rows:
+        late.append(instance_id)
+        never += polled_at is None
+        dead += polled_at is not None and not alive
+    return PollFreshness(oldest, late, never, dead)
+
+
+def poll_targets_where(condition: Any | None) -> list[PollTarget]:
+    """Pollable agents (matching `condition`, an Instance expression), in id order: a stable order keeps
+    each agent at the same point of every round, so the time between its polls stays one interval."""
+    where = Instance.state.in_(POLLED_STATES) & Instance.agent_port.is_null(False)
     rows = (Instance.select(Instance.id, Instance.agent_host, Instance.agent_port, Instance.agent_secret)
-            .where(Instance.state.in_(states) & Instance.agent_port.is_null(False)))
-    return [PollTarget(r.id, r.agent_host, r.agent_port, r.agent_secret) for r in rows]
+            .where(where if condition is None else where & condition)
+            .order_by(Instance.id).tuples())
+    return [PollTarget(*row) for row in rows]
 
 
 _RECORD_POLL = """UPDATE agent_state SET alive = {p}, ready = {p}, ready_checked_at = {p}, polled_at = {p},

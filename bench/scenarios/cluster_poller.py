@@ -41,7 +41,7 @@ import time
 from collections import Counter
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import trio
@@ -137,23 +137,10 @@ class Sample:
 
 
 def read_sample(now: datetime, bound: float) -> Sample:
-    oldest = 0.0
-    late: set[int] = set()
-    never = dead = 0
-    for instance, state in store_instances.server_rows(None):
-        if state is None or state.polled_at is None:
-            never += 1
-            late.add(instance.id)
-            continue
-        polled = state.polled_at if state.polled_at.tzinfo else state.polled_at.replace(tzinfo=UTC)
-        age = (now - polled).total_seconds()
-        oldest = max(oldest, age)
-        if age > bound:
-            late.add(instance.id)
-        if not state.alive:
-            dead += 1
-            late.add(instance.id)
-    return Sample(oldest, frozenset(late), never, dead, store_cluster.slot_holders())
+    stored_now = now.astimezone(UTC).replace(tzinfo=None)  # storage keeps naive UTC
+    fresh = store_instances.poll_freshness(stored_now - timedelta(seconds=bound))
+    oldest = (stored_now - fresh.oldest).total_seconds() if fresh.oldest is not None else 0.0
+    return Sample(oldest, frozenset(fresh.late), fresh.never, fresh.dead, store_cluster.slot_holders())
 
 
 def partition_problem(holders: dict[int, str | None], replica_ids: tuple[str, ...]) -> str | None:

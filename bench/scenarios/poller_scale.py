@@ -36,18 +36,11 @@ SAMPLE_SECONDS = 1.0
 
 
 def staleness(now: datetime) -> tuple[float, int, int]:
-    """(the oldest poll's age in seconds, agents never polled, agents not alive) over all rows."""
-    oldest = 0.0
-    never = dead = 0
-    for _instance, state in store_instances.server_rows(None):
-        if state is None or state.polled_at is None:
-            never += 1
-            continue
-        polled = state.polled_at if state.polled_at.tzinfo else state.polled_at.replace(tzinfo=UTC)
-        oldest = max(oldest, (now - polled).total_seconds())
-        if not state.alive:
-            dead += 1
-    return oldest, never, dead
+    """(the oldest poll's age in seconds, agents never polled, agents not alive), read from storage."""
+    stored_now = now.astimezone(UTC).replace(tzinfo=None)  # storage keeps naive UTC
+    fresh = store_instances.poll_freshness(stored_now)
+    oldest = (stored_now - fresh.oldest).total_seconds() if fresh.oldest is not None else 0.0
+    return oldest, fresh.never, fresh.dead
 
 
 async def polls_done(http: httpx.AsyncClient, gateway_url: str) -> float:

@@ -78,3 +78,24 @@ async def test_a_batch_writes_every_result_and_keeps_what_was_not_reported(store
     assert (agent.alive, agent.server_state, agent.players, agent.operations) == (True, "stopped", [], [])
     assert (agent.resources, agent.version) == (None, "1.20.1")
     assert await store.read(lambda: store_instances.AgentState.get_by_id(first).failures) == 0
+
+
+async def test_freshness_and_targets_per_slot_are_read_in_the_database(store: Store) -> None:
+    from storage import cluster as store_cluster
+
+    first, second = await store.run(_two_servers)
+    now = utcnow()
+    never = await store.read(store_instances.poll_freshness, now)
+    assert (never.oldest, sorted(never.late), never.never, never.dead) == (None, [first, second], 2, 0)
+    await store.run(store_instances.record_polls, [
+        PollResult(first, alive=True, ready=True, checked_at=now - timedelta(seconds=9)),
+        PollResult(second, alive=False, ready=False, checked_at=now, error="/ready: timeout")])
+    seen = await store.read(store_instances.poll_freshness, now - timedelta(seconds=7))
+    assert (seen.oldest, sorted(seen.late), seen.never, seen.dead) == (
+        now - timedelta(seconds=9), [first, second], 0, 1)  # one too old, one not alive
+
+    targets = await store.read(store_instances.poll_targets)
+    assert [t.instance_id for t in targets] == [first, second]
+    by_slot = await store.read(store_cluster.poll_targets_in_slots, {first % 2}, 2)
+    assert [t.instance_id for t in by_slot] == [first]
+    assert await store.read(store_cluster.poll_targets_in_slots, set(), 2) == []
