@@ -81,7 +81,8 @@ def control_routes() -> list[Route]:
         Route("POST", "/api/auth/refresh", auth.refresh,
               "Rotate a refresh token; reusing a rotated one revokes its whole family", auth=OPEN,
               body=auth.RefreshBody, response=auth.SESSION_SCHEMA, tags=("auth",)),
-        Route("POST", "/api/auth/logout", auth.logout, "Revoke the refresh-token family", auth=OPEN,
+        Route("POST", "/api/auth/logout", auth.logout,
+              "Revoke the refresh-token family and end the IDE sessions opened from it", auth=OPEN,
               body=auth.RefreshBody, status=204, tags=("auth",)),
         Route("POST", "/api/auth/password-reset/request", auth.password_reset_request,
               "Mail a single-use reset token (same answer whether or not the account exists)", auth=OPEN,
@@ -210,11 +211,11 @@ def backup_and_mod_routes() -> list[Route]:
 
 
 def background_services(services: Services) -> list[Callable[..., Any]]:
-    """Every background service of this process: `async def run(*, task_status)` callables, each
-    started in the lifespan nursery of run_gateway (so each has an owner and stops with the app)."""
+    """Every background service of this process but the cluster membership: `async def run(*,
+    task_status)` callables, each started in the lifespan nursery of run_gateway (so each has an owner
+    and stops with the app). The membership (ClusterService.run) outlives them, in run_gateway."""
     once = services.cluster.leader_only if services.cluster is not None else _here
-    return [*([services.cluster.run] if services.cluster is not None else []), services.events.run,
-            services.provisioner.run, services.poller.run,
+    return [services.events.run, services.provisioner.run, services.poller.run, services.ide.proxy.run,
             # Once across the fleet: on PostgreSQL only the fleet leader runs these (control/cluster.py).
             *([once(services.edge_outbox.run)] if services.edge_outbox is not None else []),
             once(billing.BillingScheduler(services.billing, services.mailer, services.settings.billing_interval,
@@ -235,7 +236,7 @@ FILES_PREFIX = r"^/api/(?:game/)?servers/(?P<id>\d+)/files/"
 def data_plane_router(services: Services) -> Callable[[Request], Any]:
     """The routes gateway/ serves natively, with the rules they need handed in."""
     streams = FileStreams(services.upstream, files.stream_authorizer(services), services.metrics)
-    ide = dev.ide_proxy(services)
+    ide = services.ide.proxy
     routes = [
         DataRoute(frozenset({"GET"}), re.compile(FILES_PREFIX + "download$"), streams.download, "files.download"),
         DataRoute(frozenset({"PUT", "POST"}), re.compile(FILES_PREFIX + "upload$"), streams.upload, "files.upload"),
@@ -305,7 +306,7 @@ async def prepare_storage(settings: Settings, store: Store) -> None:
 async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
                       task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until `shutdown` is set (then drain) or until cancelled (then stop at once).
-    The nursery here owns every background service of this process."""
+    The nurseries here own every background service of this process."""
     shutdown = trio.Event() if shutdown is None else shutdown
     store = open_store(settings)
     services: Services | None = None
@@ -322,20 +323,24 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
         services.agents = AgentClient(SmallCallPool(connect_timeout=settings.agent_timeout),
                                       timeout=settings.agent_timeout)
         services.edge, services.edge_outbox = edge_publisher(settings, store)
+        if cluster.cluster_enabled(settings, store):
+            services.cluster = cluster.ClusterService(settings, store)
+        services.takeover = cluster.operation_takeover(settings, services.cluster)
         services.provisioner = Provisioner(store, build_provider(settings, store), services.edge, services.agents,
-                                           ready_timeout=settings.ready_timeout)
+                                           services.takeover, ready_timeout=settings.ready_timeout)
         services.upstream = UpstreamPool()
         services.consoles = ConsoleRelay(console.console_authorizer(services), console.console_still_allowed(services),
                                          metrics, clock=lambda: utcnow().replace(tzinfo=UTC).timestamp(),
                                          limits=settings.console_limits)
         services.poller = Poller(store, services.agents, metrics, interval=settings.poll_interval)
-        if cluster.cluster_enabled(settings, store):
-            services.cluster = cluster.ClusterService(settings, store)
+        if services.cluster is not None:
             services.cluster.attach(services.poller)
         services.events = cluster.FleetEvents(store, settings.replica_id, listen=services.cluster is not None)
         cluster.wire_console_events(services.events, services.consoles)
         services.ide_activity = dev.IdeActivityRecorder(store, interval=settings.ide_activity_interval,
                                                         replica=settings.replica_id)
+        services.ide = dev.HostedIde(services)
+        cluster.wire_ide_events(services.events, services.ide)
         services.environments = environments.EnvironmentService(services)
         services.billing = billing.Billing.from_settings(settings, store, services.extra)
         services.extra["suspend_servers"] = cluster.fleet_suspender(services.events, servers.server_suspender(services))
@@ -345,25 +350,30 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
         config = hypercorn_config(settings)
         logged_app = AccessLog(app, services)
         wrapped = wrap_app(logged_app, config.wsgi_max_body_size, "asgi")
-        async with trio.open_nursery() as nursery:
-            lifespan = Lifespan(wrapped, config, {})
-            await nursery.start(lifespan.handle_lifespan)
-            await lifespan.wait_for_startup()
-            for service in background_services(services):
-                await nursery.start(service)
-            if settings.demo_servers:
-                await ensure_demo(services)
-            front = FrontServer(data_plane_router(services), asgi_handler(logged_app), config, metrics)
-            async with trio.open_nursery() as server:
-                binds = await server.start(front.serve, shutdown)
-                services.running.add("server")
-                log.info("serving", extra={"fields": {"binds": binds}})
-                task_status.started(binds)
-            # The front server has drained; now stop the app and the background services.
-            services.running.discard("server")
-            with trio.move_on_after(5):
-                await lifespan.wait_for_shutdown()
-            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as membership:
+            if services.cluster is not None:
+                await membership.start(services.cluster.run)  # a share of the fleet before anything runs
+            async with trio.open_nursery() as nursery:
+                lifespan = Lifespan(wrapped, config, {})
+                await nursery.start(lifespan.handle_lifespan)
+                await lifespan.wait_for_startup()
+                for service in background_services(services):
+                    await nursery.start(service)
+                if settings.demo_servers:
+                    await ensure_demo(services)
+                front = FrontServer(data_plane_router(services), asgi_handler(logged_app), config, metrics)
+                async with trio.open_nursery() as server:
+                    binds = await server.start(front.serve, shutdown)
+                    services.running.add("server")
+                    log.info("serving", extra={"fields": {"binds": binds}})
+                    task_status.started(binds)
+                # The front server has drained; now stop the app and the background services.
+                services.running.discard("server")
+                with trio.move_on_after(5):
+                    await lifespan.wait_for_shutdown()
+                nursery.cancel_scope.cancel()
+            # Resign only now: no operation this replica drives is still running (control/cluster.py).
+            membership.cancel_scope.cancel()
     finally:
         if services is not None:
             with trio.CancelScope(shield=True):

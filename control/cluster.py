@@ -5,27 +5,41 @@
   it gains (a dead replica's, or a fresh fleet's) are polled at once through `Poller.targets_grew`.
 - `leader_only(service)` runs a once-per-fleet service (billing scheduler, publishing outbox, job lease
   reaper) only while this replica holds the fleet-leader lease, and cancels it when the lease is lost.
+- Operations in progress (provisionings; environments' create, start, stop, delete) are driven by one
+  replica each, the one that started them (storage/operations.py holds the rule). `OperationTakeover`
+  claims, every heartbeat, those whose driver is no longer live and hands them to their service, so a
+  killed replica's operations are finished elsewhere within the lease TTL plus one heartbeat (inside
+  the takeover bound).
 - Cross-replica events travel by PostgreSQL NOTIFY on one channel, received on a dedicated LISTEN
-  connection in a worker thread, and are applied to this replica's connections (consoles). An event
-  is also applied locally at once, so the origin never waits for the round trip.
+  connection in a worker thread, and are applied to this replica's connections (consoles, IDE
+  websockets). An event is also applied locally at once, so the origin never waits for the round trip.
 
 Ownership is judged on this replica's own clock against the renewal it last *started*, so it always
 ends before the lease the database holds lapses: a replica cut off from the database stops polling
-and leading before anyone else may start. Never poll or lead on a lease whose renewal failed.
+and leading before anyone else may start. Never poll or lead on a lease whose renewal failed. An
+operation has no such local lapse: a replica cut off from the database fails at its next write, but a
+provider call already under way may still finish after another replica took the operation over (the
+steps are idempotent; this overlap is the one case where two replicas touch one operation).
+
+Membership outlives the services that depend on it (run_gateway stops them first), so a replica that
+exits gracefully resigns only once none of its operations is still running.
 
 On SQLite (one process) there is no ClusterService: the poller polls every agent and every service
-runs here, as before. Events still reach this process's own consoles (`FleetEvents` local delivery)."""
+runs here, as before; operations interrupted by a restart resume at start-up. Events still reach
+this process's own connections (`FleetEvents` local delivery)."""
 
 from __future__ import annotations
 
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
+from gateway.ide_proxy import IdeRevocation
 from gateway.poller import Poller
 from storage import cluster as store_cluster
 from storage.db import Store, is_postgres
@@ -37,6 +51,7 @@ log = logging.getLogger("zlh.cluster")
 
 Service = Callable[..., Awaitable[None]]
 EventHandler = Callable[[dict[str, Any]], None]
+T = TypeVar("T")
 
 LISTEN_WAIT = 1.0  # seconds one LISTEN wait may block its worker thread
 LISTEN_RETRY = 1.0  # seconds between attempts to re-open a lost LISTEN connection
@@ -154,6 +169,45 @@ class ClusterService:
         return run
 
 
+@dataclass(frozen=True)
+class OperationTakeover:
+    """How a service (the Provisioner, the EnvironmentService) finds the operations it should drive.
+    `run(store, claim, launch)`: at start-up `claim` the operations this process may drive (every one
+    in progress on one process; with several replicas the orphaned ones, this replica id's own and
+    the undriven) and `launch` each; then, with several replicas, claim the orphaned ones every
+    `interval` seconds. `claim(replica_id, ttl, *, own_and_undriven)` is a function of
+    storage/operations.py; nothing here decides who may drive what."""
+
+    replica_id: str
+    ttl: float | None = None  # None: one process, every operation in progress is this one's
+    interval: float | None = None  # None: nothing to take over after start-up
+
+    async def run(self, store: Store, claim: Callable[..., list[T]], launch: Callable[[T], None], *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        for item in await store.run(claim, self.replica_id, self.ttl, own_and_undriven=True):
+            launch(item)
+        task_status.started()
+        if self.interval is None:
+            await trio.sleep_forever()
+        while True:
+            await trio.sleep(self.interval)
+            try:
+                orphaned = await store.run(claim, self.replica_id, self.ttl, own_and_undriven=False)
+            except Exception:
+                log.exception("could not look for orphaned operations; trying again")
+                continue
+            for item in orphaned:
+                log.info("taking over an orphaned operation", extra={"fields": {
+                    "replica": self.replica_id, "operation": str(item)}})
+                launch(item)
+
+
+def operation_takeover(settings: Settings, cluster: ClusterService | None) -> OperationTakeover:
+    if cluster is None:
+        return OperationTakeover(settings.replica_id)
+    return OperationTakeover(settings.replica_id, cluster.ttl, cluster.heartbeat_interval)
+
+
 class FleetEvents:
     """Cross-replica events: `publish` applies an event here at once and NOTIFYs the other replicas,
     whose `run` applies it to their own connections. Delivery is prompt (one NOTIFY round trip) but
@@ -221,6 +275,21 @@ def wire_console_events(events: FleetEvents, consoles: Any) -> None:
     """Suspensions and revocations close the consoles this replica holds."""
     events.on("console.disconnect_instance", lambda e: consoles.disconnect_instance(int(e["instance"])))
     events.on("console.disconnect_user", lambda e: consoles.disconnect_user(int(e["user"])))
+
+
+IDE_REVOKE = "ide.revoke"
+
+
+def wire_ide_events(events: FleetEvents, ide: Any) -> None:
+    """Revoked IDE sessions lose their websockets and cached grants on this replica
+    (`ide`: control.dev.HostedIde)."""
+    events.on(IDE_REVOKE, lambda e: ide.revoke(IdeRevocation(e.get("user"), e.get("family"))))
+
+
+async def revoke_ide_sessions(events: FleetEvents, *, user: int | None = None, family: str | None = None) -> None:
+    """End, on every replica, the IDE sessions of `user` or of the login `family`. Call it after the
+    revocation is stored: a replica that applies the event reads the account and login again."""
+    await events.publish(IDE_REVOKE, user=user, family=family)
 
 
 SuspendServers = Callable[[int, list[int], str], Awaitable[None]]

@@ -114,7 +114,7 @@ class Settings:
     cluster: str = "auto"
     replica_id: str = ""  # default: host-pid-random, new each start
     cluster_heartbeat: float = 1.0  # seconds between heartbeats (lease renewals)
-    cluster_takeover_bound: float = 10.0  # a dead replica's agents are polled elsewhere within this
+    cluster_takeover_bound: float = 10.0  # a dead replica's agents and operations are taken over within this
     cluster_slots: int = 128  # agent partitions (instance id modulo this); the same on every replica
     # Billing (control/billing/): empty STRIPE_SECRET_KEY means billing is not configured.
     stripe_secret_key: str = ""

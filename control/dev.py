@@ -2,11 +2,16 @@
 asks before forwarding, and the record of IDE activity per instance that idle auto-stop reads.
 
 Tokens: `POST /api/dev/:id/ide-token` issues a short-lived IDE *link* token (kind IDE, its own issuer,
-audience and key; bound to the user and the instance). The proxy trades it, once it arrives in a query
-string, for an IDE *session* token kept in the browser's IDE cookie, bound to the same user and
-instance and living `ide_session_ttl`. Each use is checked against the account and the instance as
-they are now (looked up at most every GRANT_CACHE_SECONDS per user and instance, so a busy IDE costs no
-database hop per request, and a revocation takes effect within that).
+audience and key; bound to the user, the instance and the login — refresh-token family — it was asked
+with). The proxy trades it, once it arrives in a query string, for an IDE *session* token kept in the
+browser's IDE cookie, bound to the same user, instance and login and living `ide_session_ttl`. Each
+use is checked against the account, the login and the instance as they are now (looked up at most
+every GRANT_CACHE_SECONDS per user, instance and login, so a busy IDE costs no database hop per request).
+
+Revocation: an IDE session lives no longer than its login. Logging out, a refresh token reused (the
+family revoked) and a password reset (every family) end it: the route publishes `ide.revoke` after
+storing the revocation (control/cluster.py), and every replica forgets its cached grants and cuts the
+matching IDE websockets at once (`HostedIde.revoke`); later requests are refused.
 
 Never answer with the IDE for a token of another kind, user or instance, and never log a token."""
 
@@ -25,9 +30,10 @@ import trio
 
 from gateway.agent_client import forward_agent_result
 from gateway.errors import ApiError
-from gateway.ide_proxy import IdeCredential, IdeGrant, IdeProxy
+from gateway.ide_proxy import IdeCredential, IdeGrant, IdeProxy, IdeRevocation
 from storage import dev as store_dev
 from storage import instances as store_instances
+from storage import tokens as token_store
 from storage import users
 from storage.clock import isoformat, utcnow
 from storage.db import Store
@@ -62,7 +68,8 @@ def dev_routes() -> list[Route]:
                "`/__ide/{id}` redirects to `/__ide/{id}/`) and by host `dev-{id}.<IDE_DOMAIN>` (any path). "
                "`?token=<IDE token>` sets the IDE cookie (HttpOnly, SameSite=Lax) and redirects to the same URL "
                "without it; later requests and websocket upgrades use the cookie. 401/403 in the error envelope "
-               "for a missing, wrong, expired, other-user or other-instance credential.")
+               "for a missing, wrong, expired, other-user or other-instance credential, or one whose login "
+               "ended (logout, password reset: its websockets are cut on every replica).")
     return [
         Route("POST", f"{base}/ide-token", ide_token,
               "A short-lived IDE token (bound to this user and dev container) and the URL to open",
@@ -107,7 +114,8 @@ async def ide_token(ctx: Ctx, server_id: int) -> dict[str, Any]:
     if not instance.ide_port:
         raise ApiError(409, "IDE_NOT_CONFIGURED", {"state": instance.state})
     ttl = ctx.services.settings.ide_token_ttl
-    token = ctx.services.tokens.issue(TokenKind.IDE, ctx.me.id, ttl, iid=instance.id, use="link")
+    token = ctx.services.tokens.issue(TokenKind.IDE, ctx.me.id, ttl, iid=instance.id, use="link",
+                                      fam=ctx.me.family)
     url, hosted = ide_url(ctx.services, instance.id)
     return {"token": token, "expiresIn": ttl, "url": url, "openUrl": f"{url}?token={token}", "hosted": hosted}
 
@@ -147,9 +155,10 @@ async def instance_ide_activity(services: Services, instance_id: int) -> store_d
 
 @dataclass(frozen=True)
 class _IdeView:
-    """What one authorization needs to know about an account and an instance."""
+    """What one authorization needs to know about an account, a login and an instance."""
 
     account_ok: bool
+    login_ended: bool
     role: str
     owner_id: int | None  # None: no such instance
     kind: str = ""
@@ -163,11 +172,15 @@ class IdeRules:
 
     def __init__(self, services: Services) -> None:
         self.services = services
-        self._views: dict[tuple[int, int], tuple[float, _IdeView]] = {}
+        self._views: dict[tuple[int, int, str | None], tuple[float, _IdeView]] = {}
         self._sessions: dict[str, dict[str, Any]] = {}  # verified session tokens: a signature stays valid
 
-    async def _view(self, user_id: int, instance_id: int) -> _IdeView:
-        key = (user_id, instance_id)
+    def forget(self) -> None:
+        """Drop every cached view: the next request reads the account, login and instance again."""
+        self._views.clear()
+
+    async def _view(self, user_id: int, instance_id: int, family: str | None) -> _IdeView:
+        key = (user_id, instance_id, family)
         now = time.monotonic()
         cached = self._views.get(key)
         if cached is not None and cached[0] > now:
@@ -176,11 +189,12 @@ class IdeRules:
         def load() -> _IdeView:
             account = users.user_by_id(user_id)
             ok = account is not None and account.disabled_at is None
+            ended = family is not None and token_store.family_revoked(family)
             role = account.role if account is not None else "user"
             instance = store_instances.get_instance(instance_id)
             if instance is None:
-                return _IdeView(ok, role, None)
-            return _IdeView(ok, role, instance.owner_id, instance.kind, instance.state, instance.agent_host,
+                return _IdeView(ok, ended, role, None)
+            return _IdeView(ok, ended, role, instance.owner_id, instance.kind, instance.state, instance.agent_host,
                             instance.ide_port)
 
         view = await self.services.store.read(load)
@@ -204,14 +218,34 @@ class IdeRules:
         return claims
 
     async def authorize(self, credential: IdeCredential, instance_id: int) -> IdeGrant:
-        tokens = self.services.tokens
         claims = self._verify(credential)
         if claims.get("use") != credential.kind:
             raise ApiError(401, "INVALID_TOKEN", {"reason": "not an IDE " + credential.kind + " token"})
         if claims.get("iid") != instance_id:
             raise ApiError(403, "TOKEN_NOT_FOR_THIS_INSTANCE", {"id": instance_id})
-        user_id = int(claims["sub"])
-        view = await self._view(user_id, instance_id)
+        user_id, family = int(claims["sub"]), claims.get("fam")
+        host, port = await self._allowed(user_id, instance_id, family)
+        session, ttl = None, 0
+        if credential.kind == "link":
+            ttl = self.services.settings.ide_session_ttl
+            session = self.services.tokens.issue(TokenKind.IDE, user_id, ttl, iid=instance_id, use="session",
+                                                 fam=family)
+        return IdeGrant(host, port, instance_id, user_id, family, session, ttl)
+
+    async def still_allowed(self, grant: IdeGrant) -> bool:
+        """The rule again for an open websocket (its token may have expired since; that is fine)."""
+        try:
+            await self._allowed(grant.user_id, grant.instance_id, grant.family)
+        except ApiError:
+            return False
+        return True
+
+    async def _allowed(self, user_id: int, instance_id: int, family: str | None) -> tuple[str, int]:
+        """Where the IDE listens, if the account, login and instance allow it now; ApiError saying
+        why not."""
+        view = await self._view(user_id, instance_id, family)
+        if view.login_ended:
+            raise ApiError(401, "SESSION_REVOKED", {"reason": "the login this IDE session belongs to has ended"})
         if not view.account_ok:
             raise ApiError(403, "ACCOUNT_DISABLED")
         if view.owner_id is None:
@@ -224,19 +258,25 @@ class IdeRules:
             raise ApiError(409, "SERVER_NOT_READY", {"state": view.state})
         if not view.host or not view.ide_port:
             raise ApiError(409, "IDE_NOT_CONFIGURED")
-        session, ttl = None, 0
-        if credential.kind == "link":
-            ttl = self.services.settings.ide_session_ttl
-            session = tokens.issue(TokenKind.IDE, user_id, ttl, iid=instance_id, use="session")
-        return IdeGrant(view.host, view.ide_port, instance_id, session, ttl)
+        return view.host, view.ide_port
 
 
-def ide_proxy(services: Services) -> IdeProxy:
-    """The proxy with this deployment's rule, activity record and cookie policy."""
-    settings = services.settings
-    return IdeProxy(services.upstream, IdeRules(services).authorize, services.ide_activity,
-                    ide_domain=settings.ide_domain, cookie_secure=settings.ide_cookie_is_secure,
-                    public_scheme="https" if settings.ide_cookie_is_secure else "http")
+class HostedIde:
+    """This replica's IDE proxy with this deployment's rule, activity record and cookie policy."""
+
+    def __init__(self, services: Services) -> None:
+        settings = services.settings
+        self.rules = IdeRules(services)
+        self.proxy = IdeProxy(services.upstream, self.rules.authorize, self.rules.still_allowed,
+                              services.ide_activity, ide_domain=settings.ide_domain,
+                              cookie_secure=settings.ide_cookie_is_secure,
+                              public_scheme="https" if settings.ide_cookie_is_secure else "http")
+
+    def revoke(self, revocation: IdeRevocation) -> int:
+        """Apply a revocation here: no cached grant outlives it (a cut websocket's reconnect is
+        refused) and the matching websockets are cut; how many."""
+        self.rules.forget()
+        return self.proxy.revoke(revocation)
 
 
 # --- IDE activity ---------------------------------------------------------------------------------

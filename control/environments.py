@@ -21,7 +21,12 @@ replica can never both move one environment. The statuses map onto the dev conta
 
 The slow steps run as operations owned by EnvironmentService (a background service in the app's
 nursery), so a client that hangs up never leaves an environment half-started; the route waits for its
-operation up to `environment_action_wait` seconds. Interrupted operations resume at start-up.
+operation up to `environment_action_wait` seconds. One replica drives each operation: the one whose
+move put the environment in its in-progress status names itself in the same statement (`driven_by`,
+storage/operations.py). Operations interrupted by a restart resume at start-up, and with several
+replicas those of a replica that died are taken over by another (control/cluster.py,
+OperationTakeover). A failed delete stays DELETING with no driver, for any replica to finish when the
+DELETE is repeated.
 
 Idle auto-stop: an environment's last activity is the latest of: when it became RUNNING, the IDE
 proxy's last proxied request (storage/dev.py), "now" while the proxy holds an IDE websocket open, the
@@ -63,6 +68,7 @@ from gateway.errors import ApiError
 from storage import dev as store_dev
 from storage import environments as store_env
 from storage import instances as store_instances
+from storage import operations as store_operations
 from storage import users
 from storage.clock import isoformat, utcnow
 from storage.db import Store
@@ -439,6 +445,10 @@ class OperationFailed(Exception):
     """A step of an operation failed; the message is the reason shown (never a secret)."""
 
 
+# The in-progress statuses and the operation each names.
+RESUMED = {E.CREATING: "create", E.STARTING: "start", E.STOPPING: "stop", E.DELETING: "delete"}
+
+
 @dataclass
 class Operation:
     kind: str
@@ -466,23 +476,35 @@ class EnvironmentService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            await self._resume()
+            claim = functools.partial(store_operations.claim_environment_operations, [s.value for s in RESUMED])
+            await nursery.start(self.services.takeover.run, self.store, claim, self.resume)
             task_status.started()
             await self._idle_loop()
 
-    async def _resume(self) -> None:
-        """Operations a previous process left unfinished (every step is idempotent)."""
-        states = [E.CREATING.value, E.STARTING.value, E.STOPPING.value, E.DELETING.value]
-        for environment in await self.store.run(store_env.environments_in_states, states):
-            if environment.status == E.CREATING.value:
-                self.launch(environment.id, "create", functools.partial(self._bring_up, environment.id))
-            elif environment.status == E.STARTING.value:
-                self.launch(environment.id, "start", functools.partial(self._start, environment.id))
-            elif environment.status == E.STOPPING.value:
-                self.launch(environment.id, "stop",
-                            functools.partial(self._stop, environment.id, environment.status_reason))
-            else:
-                self.launch(environment.id, "delete", functools.partial(self._delete, environment.id, None))
+    def resume(self, environment: Environment) -> None:
+        """Drive the operation `environment`'s status names from where it stopped (every step is
+        idempotent): one a previous process left unfinished, or one taken over from a dead replica."""
+        kind = RESUMED[EnvState(environment.status)]
+        work = {"create": functools.partial(self._bring_up, environment.id),
+                "start": functools.partial(self._start, environment.id),
+                "stop": functools.partial(self._stop, environment.id, environment.status_reason),
+                "delete": functools.partial(self._delete, environment.id, None)}[kind]
+        self.launch(environment.id, kind, work)
+
+    async def move_and_drive(self, environment: Environment, event: str, **fields: Any) -> bool:
+        """Move an environment on `event` into an in-progress status, naming this replica the driver of
+        its operation in the same statement (so no other replica starts it); False if its status
+        changed meanwhile."""
+        state = next_environment_state(environment.status, event)
+        return await self.store.run(store_env.move_environment, environment.id, environment.status, state.value,
+                                    driven_by=self.services.settings.replica_id, **fields)
+
+    async def drive(self, environment_id: str, status: str) -> bool:
+        """Drive the operation of an environment already in `status` (a repeated request): only if
+        no live replica drives it, or this one does."""
+        takeover = self.services.takeover
+        return await self.store.run(store_operations.claim_environment, environment_id, status,
+                                    takeover.replica_id, takeover.ttl)
 
     async def _idle_loop(self) -> None:
         settings = self.services.settings
@@ -507,8 +529,7 @@ class EnvironmentService:
         return stopped
 
     async def stop_idle(self, environment: Environment, reason: str) -> None:
-        if await self.store.run(store_env.move_environment, environment.id, E.RUNNING.value,
-                                next_environment_state(E.RUNNING.value, "stop").value, status_reason=reason):
+        if await self.move_and_drive(environment, "stop", status_reason=reason):
             log.info("auto-stopping idle environment", extra={"fields": {"environment": environment.id}})
             self.launch(environment.id, "stop", functools.partial(self._stop, environment.id, reason))
 
@@ -549,8 +570,9 @@ class EnvironmentService:
             environment = store_env.get_environment(environment_id)
             if environment is None:
                 return
-            if environment.status == E.DELETING.value:  # stays DELETING: a repeated DELETE finishes it
-                store_env.move_environment(environment_id, E.DELETING.value, E.DELETING.value, status_reason=reason)
+            if environment.status == E.DELETING.value:  # stays DELETING, undriven: a repeated DELETE finishes it
+                store_env.move_environment(environment_id, E.DELETING.value, E.DELETING.value, status_reason=reason,
+                                           driven_by=None)
             elif (EnvState(environment.status), "fail") in ENVIRONMENT_TRANSITIONS:
                 store_env.move_environment(environment_id, environment.status,
                                            next_environment_state(environment.status, "fail").value,
@@ -760,7 +782,8 @@ async def create_environment(ctx: Ctx) -> tuple[dict[str, Any], int]:
                 instance = store_instances.create_instance(
                     vmid=store_instances.next_free_vmid(), owner=user.id, kind="dev", name=body.name,
                     engine_type="vscode", payload=payload, allocated_ports=[], provider=services.settings.provider,
-                    agent_secret=new_agent_secret(), state=InstanceState.RESERVED.value)
+                    agent_secret=new_agent_secret(), state=InstanceState.RESERVED.value,
+                    driven_by=services.settings.replica_id)
                 break
             except store_instances.VmidTaken:
                 continue
@@ -770,7 +793,7 @@ async def create_environment(ctx: Ctx) -> tuple[dict[str, Any], int]:
             id=environment_id, owner=user.id, instance_id=instance.id, name=body.name,
             cloud_provider=body.cloud_provider, cloud_region=body.cloud_region, cpu_cores=body.cpu_cores,
             memory_gb=body.memory_gb, storage_gb=body.storage_gb, base_image=body.base_image,
-            sealed_secrets=sealed, status=E.CREATING.value)
+            sealed_secrets=sealed, status=E.CREATING.value, driven_by=services.settings.replica_id)
         users.audit("environment.create", user.id, f"environment:{environment_id}", instance=instance.id)
         return environment, instance
 
@@ -803,14 +826,14 @@ async def list_environments(ctx: Ctx) -> dict[str, Any]:
 
 
 async def _begin(ctx: Ctx, environment: Environment, event: str, **fields: Any) -> None:
-    """Move an environment on `event` or answer 400 naming why it cannot."""
+    """Move an environment on `event`, this replica driving the operation, or answer 400 naming why
+    it cannot."""
     try:
-        state = next_environment_state(environment.status, event)
+        moved = await service(ctx).move_and_drive(environment, event, **fields)
     except IllegalTransition:
         raise invalid(f"environment '{environment.id}' cannot be {'started' if event == 'start' else 'stopped'} "
                       f"while it is {environment.status}") from None
-    if not await ctx.services.store.run(store_env.move_environment, environment.id, environment.status,
-                                        state.value, **fields):
+    if not moved:
         raise invalid(f"environment '{environment.id}' changed state meanwhile; try again")
 
 
@@ -860,10 +883,11 @@ async def report_activity(ctx: Ctx, environment_id: str) -> dict[str, Any]:
 async def delete_environment(ctx: Ctx, environment_id: str) -> dict[str, Any]:
     environment, _ide = await owned_environment(ctx, environment_id)
     while environment.status != E.DELETING.value:
-        if await ctx.services.store.run(store_env.move_environment, environment.id, environment.status,
-                                        next_environment_state(environment.status, "delete").value):
+        if await service(ctx).move_and_drive(environment, "delete"):
             break
         environment, _ide = await owned_environment(ctx, environment_id)
+    if not await service(ctx).drive(environment_id, E.DELETING.value):
+        return {"message": "Environment is being deleted", "id": environment.id, "status": E.DELETING.value}
     operation = service(ctx).delete_operation(environment_id, ctx.me.id)
     return await _finish(ctx, environment, operation, "Environment deleted successfully",
                          "Environment is being deleted")

@@ -118,6 +118,7 @@ async def provision_instance(services: Services, user_id: int, body: CreateInsta
                     vmid=store_instances.next_free_vmid(), owner=user.id, kind=body.kind, name=body.name,
                     engine_type=body.engine_type, payload=payload, allocated_ports=list(body.payload.ports),
                     provider=services.settings.provider, agent_secret=secret, state=InstanceState.RESERVED.value,
+                    driven_by=services.settings.replica_id,  # this replica provisions it (submit below)
                 )
                 break
             except store_instances.VmidTaken:

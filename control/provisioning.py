@@ -4,24 +4,31 @@ The Provisioner is a service in the app's nursery: POST /api/instances records t
 its id here; each provisioning runs as a task the Provisioner owns, step by step:
 reserve → create the container → configure the agent → wait for *semantic* readiness → mark ready and
 persist → publish edge routes. Any failure destroys what was created and leaves the instance failed
-with a readable reason. On start-up, instances left in a provisioning state by a previous process are
-resumed (every step is idempotent). Deleting an instance cancels its provisioning first."""
+with a readable reason. Deleting an instance cancels its provisioning first.
+
+One replica drives each provisioning: the one whose request recorded the instance (`driven_by`). At
+start-up the Provisioner resumes the provisionings it may drive, and with several replicas it takes
+over those whose replica died (control/cluster.py, OperationTakeover); every step is idempotent, so
+a provisioning resumes from the step it reached."""
 
 from __future__ import annotations
 
 import logging
 import secrets
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
 
 from gateway.agent_client import AgentClient, AgentTarget, describe_failure, is_agent_ready_result
 from storage import instances as store_instances
+from storage import operations as store_operations
 from storage import users
 from storage.clock import utcnow
 from storage.db import Store
 
+from .cluster import OperationTakeover
 from .edge import EdgePublisher, PublishedInstance
 from .lifecycle import PROVISIONING, InstanceState, next_instance_state
 from .providers.base import ContainerSpec, Provider, ProviderError
@@ -48,6 +55,7 @@ class Provisioner:
     provider: Provider
     edge: EdgePublisher
     agents: AgentClient
+    takeover: OperationTakeover
     ready_timeout: float = 120.0
     ready_poll: float = 0.25
     _nursery: trio.Nursery | None = None
@@ -57,15 +65,13 @@ class Provisioner:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.provider.run)
             self._nursery = nursery
-            await self._reconcile_after_restart()
+            claim = partial(store_operations.claim_provisionings, [s.value for s in PROVISIONING])
+            await nursery.start(self.takeover.run, self.store, claim, self.submit)
+            await self._refresh_agent_addresses()
             task_status.started()
-            await trio.sleep_forever()
 
-    async def _reconcile_after_restart(self) -> None:
-        """Resume interrupted provisionings; refresh agent addresses of re-adopted containers."""
-        states = [s.value for s in PROVISIONING]
-        for instance in await self.store.run(store_instances.instances_in_states, states):
-            self.submit(instance.id)
+    async def _refresh_agent_addresses(self) -> None:
+        """Record the agent addresses of containers re-adopted after a restart."""
         current = getattr(self.provider, "current", None)
         if current is None:
             return

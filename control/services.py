@@ -33,6 +33,8 @@ class Services:
     edge_outbox: Any = None  # control.edge.outbox.Outbox, the publishing worker (None with NoEdge)
     cluster: Any = None  # control.cluster.ClusterService (None: one process owns everything, e.g. SQLite)
     events: Any = None  # control.cluster.FleetEvents: events that must reach every replica's connections
+    takeover: Any = None  # control.cluster.OperationTakeover: which operations in progress this replica drives
+    ide: Any = None  # control.dev.HostedIde: the IDE proxy with its rule
     running: set[str] = field(default_factory=set)  # background services that are up, for /ready
     started: float = field(default_factory=time.monotonic)  # when this process assembled them (uptime)
     extra: dict[str, Any] = field(default_factory=dict)

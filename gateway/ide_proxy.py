@@ -12,6 +12,13 @@ Three steps, each its own function (the shape of Coder's workspace-app proxy):
               upgrade forwarded as the browser sent it and, after the upstream's 101, the two sockets
               spliced byte for byte (`splice`), so subprotocols and permessage-deflate pass untouched.
 
+Revocation: every request is authorized again, so a revoked session's next request is refused. An
+open websocket is cut when `IdeProxy.revoke` names its session (told at once, on every replica, by
+control) and, as the backstop for a revocation this replica never heard of, when the periodic
+re-check (`IdeProxy.run`, `IdeStillAllowed`) finds the grant gone. A cut websocket is dropped, not
+closed with a frame (the splice does not parse frames): the browser sees 1006 and its reconnect is
+refused.
+
 Cookies: `zlh_ide_<id>`, HttpOnly, SameSite=Lax, Secure when configured; by path Path=/__ide/<id>/,
 by host a host-only cookie with Path=/, so a browser never sends one instance's cookie to another and
 the gateway never accepts it there (the session names its instance). Every cookie named `zlh_*` is the
@@ -25,9 +32,11 @@ separate credentials but are no security boundary between pages; the by-host URL
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import unquote_plus, urlsplit
 
@@ -45,6 +54,8 @@ from .upstream import (
     UpstreamTimeout,
 )
 
+log = logging.getLogger("zlh.ide")
+
 TOKEN_PARAM = "token"
 GATEWAY_COOKIE_PREFIX = "zlh_"
 PATH_ROUTE = re.compile(r"^/__ide/(?P<id>\d{1,18})(?P<rest>/.*)?$")
@@ -56,6 +67,7 @@ CLIENT_FORWARDING = frozenset({b"forwarded", b"x-forwarded-host", b"x-forwarded-
                                b"x-real-ip"})
 SPLICE_RECEIVE_SIZE = 64 * 1024
 HALF_CLOSE_GRACE = 30.0  # after one side of a websocket ends, how long the other may still talk
+ACCESS_CHECK_INTERVAL = 30.0  # seconds between re-checks of the grants of open websockets
 
 
 # --- resolve --------------------------------------------------------------------------------------
@@ -126,11 +138,26 @@ class IdeGrant:
     host: str
     port: int
     instance_id: int
+    user_id: int
+    family: str | None = None  # the login the session belongs to, if it is bound to one
     session: str | None = None
     session_ttl: int = 0
 
 
+@dataclass(frozen=True)
+class IdeRevocation:
+    """Which IDE sessions lose access: every one of a user, or those of one login (`family`)."""
+
+    user_id: int | None = None
+    family: str | None = None
+
+    def matches(self, grant: IdeGrant) -> bool:
+        return ((self.user_id is not None and self.user_id == grant.user_id)
+                or (self.family is not None and self.family == grant.family))
+
+
 IdeAuthorize = Callable[[IdeCredential, int], Awaitable[IdeGrant]]
+IdeStillAllowed = Callable[[IdeGrant], Awaitable[bool]]  # the rule again, for an open websocket
 
 
 class IdeActivity(Protocol):
@@ -294,13 +321,49 @@ async def splice(client: trio.abc.HalfCloseableStream, client_pending: bytes,
 class IdeProxy:
     pool: UpstreamPool
     authorize: IdeAuthorize
+    still_allowed: IdeStillAllowed
     activity: IdeActivity
     ide_domain: str
     cookie_secure: bool
     public_scheme: str = "http"
+    access_check_interval: float = ACCESS_CHECK_INTERVAL
+    _websockets: dict[trio.CancelScope, IdeGrant] = field(default_factory=dict)  # open here, by grant
 
     def __post_init__(self) -> None:
         self._host_pattern = ide_host_pattern(self.ide_domain)
+
+    @contextmanager
+    def holding(self, grant: IdeGrant) -> Iterator[None]:
+        """The lifetime of one open websocket under `grant`: it ends early (cancelled) when `revoke`
+        names the grant or the periodic re-check no longer allows it."""
+        with trio.CancelScope() as scope:
+            self._websockets[scope] = grant
+            try:
+                yield
+            finally:
+                del self._websockets[scope]
+
+    def revoke(self, revocation: IdeRevocation) -> int:
+        """Cut every websocket this replica holds whose grant `revocation` matches; how many."""
+        cut = [scope for scope, grant in self._websockets.items() if revocation.matches(grant)]
+        for scope in cut:
+            scope.cancel()
+        return len(cut)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Re-check the grant of every open websocket each `access_check_interval`; cut those the rule
+        no longer allows. A failed check (the database away) cuts nothing."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.access_check_interval)
+            for scope, grant in list(self._websockets.items()):
+                try:
+                    allowed = await self.still_allowed(grant)
+                except Exception:
+                    log.exception("could not re-check an IDE websocket's access")
+                    continue
+                if not allowed:
+                    scope.cancel()
 
     def host_route(self, request: Request) -> tuple[Handler, dict[str, str], str] | None:
         """For the front server's router: every request to an IDE host name is the proxy's."""
@@ -390,7 +453,8 @@ class IdeProxy:
             await client.send_all(switching_protocols_head(response, target))
             self.activity.websocket_opened(target.instance_id)
             try:
-                await splice(client, client_pending, upstream, upstream_pending)
+                with self.holding(grant):
+                    await splice(client, client_pending, upstream, upstream_pending)
             finally:
                 self.activity.websocket_closed(target.instance_id)
         finally:

@@ -35,6 +35,8 @@ class Environment(BaseModel):
     sealed_secrets = peewee.TextField(null=True)  # AES-GCM text; never a plaintext
     status = peewee.CharField(max_length=16, index=True)
     status_reason = peewee.TextField(null=True)
+    # The replica driving the operation an in-progress status names (storage/operations.py).
+    driven_by = peewee.CharField(null=True, max_length=128)
     created_at = peewee.DateTimeField(default=utcnow)
     updated_at = peewee.DateTimeField(default=utcnow)
     # When the environment last became RUNNING: the idle clock never starts before it.

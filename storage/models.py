@@ -100,6 +100,8 @@ class Instance(BaseModel):
     # that concurrent requests on any replica see it; it lapses by itself at `power_until`.
     power_action = peewee.CharField(null=True, max_length=16)
     power_until = peewee.DateTimeField(null=True)
+    # The replica driving the operation its provisioning state names (storage/operations.py).
+    driven_by = peewee.CharField(null=True, max_length=128)
 
 
 class InstanceArchive(BaseModel):

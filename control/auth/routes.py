@@ -1,5 +1,6 @@
 """Auth routes: register, login, refresh (rotating, reuse revokes the family), logout, password reset,
-and /api/me. Login and reset are rate-limited per account and per client address."""
+and /api/me. Login and reset are rate-limited per account and per client address. Whatever ends a
+login (a revoked family) also ends the IDE sessions opened from it, on every replica (control/dev.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from storage import tokens as token_store
 from storage.clock import utcnow
 
 from ..api import Body, Ctx
+from ..cluster import revoke_ide_sessions
 from ..services import Services
 from .passwords import hash_password, verify_password
 from .tokens import TokenKind, token_hash
@@ -131,6 +133,7 @@ async def refresh(ctx: Ctx) -> dict[str, Any]:
         if outcome.reason == "reused":
             await ctx.services.store.run(
                 lambda: users.audit("auth.refresh_reuse", int(claims["sub"]), f"family:{claims.get('fam')}"))
+            await revoke_ide_sessions(ctx.services.events, family=claims["fam"])
         raise ApiError(401, "REFRESH_TOKEN_REUSED" if outcome.reason == "reused" else "INVALID_TOKEN")
     user = await ctx.services.store.run(users.user_by_id, outcome.user_id)
     return await issue_session(ctx.services, user, family_id=claims["fam"])
@@ -140,12 +143,15 @@ async def logout(ctx: Ctx) -> None:
     token = ctx.body.refresh_token
     ctx.services.tokens.verify(TokenKind.REFRESH, token)
 
-    def revoke() -> None:
+    def revoke() -> str | None:
         family = token_store.family_of(token_hash(token))
         if family is not None:
             token_store.revoke_family(family, "logout")
+        return family
 
-    await ctx.services.store.run(revoke)
+    family = await ctx.services.store.run(revoke)
+    if family is not None:
+        await revoke_ide_sessions(ctx.services.events, family=family)
 
 
 async def password_reset_request(ctx: Ctx) -> tuple[dict[str, Any], int]:
@@ -188,8 +194,10 @@ async def password_reset_confirm(ctx: Ctx) -> dict[str, Any]:
         users.audit("auth.password_reset", user_id, f"user:{user_id}")
         return user_id
 
-    if await ctx.services.store.run(confirm) is None:
+    user_id = await ctx.services.store.run(confirm)
+    if user_id is None:
         raise ApiError(400, "INVALID_RESET_TOKEN")
+    await revoke_ide_sessions(ctx.services.events, user=user_id)
     return {"status": "password-changed"}
 
 

@@ -130,6 +130,26 @@ def socket_owner(local_port: int, remote_port: int, pids: dict[int, str]) -> str
     return "?"
 
 
+class RequestOrigins:
+    """Which replica sent a request to a test agent listening on `agent_port` (see socket_owner),
+    remembered per connection."""
+
+    def __init__(self, replicas: Cluster) -> None:
+        self.cluster = replicas
+        self._owners: dict[int, tuple[Any, str]] = {}  # id(session) → (session, replica name)
+
+    def of(self, request: Request, agent_port: int) -> str:
+        session = request._session
+        known = self._owners.get(id(session))
+        if known is not None and known[0] is session:
+            return known[1]
+        peer_port = session.stream.socket.getpeername()[1]
+        name = socket_owner(peer_port, agent_port, self.cluster.by_pid())
+        if name != "?":
+            self._owners[id(session)] = (session, name)
+        return name
+
+
 @dataclass
 class Poll:
     agent: int
@@ -145,18 +165,7 @@ class RecordingFleet:
         self.fleet = Fleet(FleetConfig(count=count, ports_each=True))
         self.cluster = replicas
         self.polls: list[Poll] = []
-        self._owners: dict[int, tuple[Any, str]] = {}  # id(session) → (session, replica name)
-
-    def _replica_of(self, request: Request, agent_port: int) -> str:
-        session = request._session
-        known = self._owners.get(id(session))
-        if known is not None and known[0] is session:
-            return known[1]
-        peer_port = session.stream.socket.getpeername()[1]
-        name = socket_owner(peer_port, agent_port, self.cluster.by_pid())
-        if name != "?":
-            self._owners[id(session)] = (session, name)
-        return name
+        self._origins = RequestOrigins(replicas)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -167,7 +176,7 @@ class RecordingFleet:
 
                 async def handle(request: Request, agent: Any = agent, port: int = port) -> Any:
                     if request.path == "/ready":
-                        self.polls.append(Poll(agent.index, trio.current_time(), self._replica_of(request, port)))
+                        self.polls.append(Poll(agent.index, trio.current_time(), self._origins.of(request, port)))
                     return await serve_simulated(agent, request, request.path)
 
                 await nursery.start(serve_listeners, handle, listeners)

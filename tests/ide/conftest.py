@@ -44,9 +44,10 @@ class DevIde:
         self.browser.cookies.clear()
         return await self.browser.request(method, target, headers=headers or {}, content=content)
 
-    async def path_cookie(self) -> str:
-        """Trade a fresh token for the by-path IDE cookie; the `name=value` pair."""
-        response = await self.get(f"/__ide/{self.id}/?token={await self.token()}")
+    async def path_cookie(self, session: dict | None = None) -> str:
+        """Trade a fresh token (of `session`, default the owner's) for the by-path IDE cookie; the
+        `name=value` pair."""
+        response = await self.get(f"/__ide/{self.id}/?token={await self.token(session)}")
         assert response.status_code == 302, response.text
         return response.headers["set-cookie"].split(";")[0]
 

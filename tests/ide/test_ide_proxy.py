@@ -8,10 +8,11 @@ import logging
 
 import pytest
 import trio
-from trio_websocket import ConnectionRejected
+from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from control.auth.tokens import TokenKind, TokenService
 from tests.conftest import TEST_SECRET
+from tests.control.test_auth import _mail_token
 from tests.ide.conftest import DevIde, echoed
 
 pytestmark = pytest.mark.usefixtures("ide")
@@ -208,6 +209,36 @@ async def test_activity_counts_open_websockets_and_last_request(ide: DevIde) -> 
         assert during["lastRequestAt"] is not None
     after = await ide.gateway.wait_for(lambda b: b["openWebsockets"] == 0, path, ide.session, timeout=10)
     assert after["lastRequestAt"] >= during["lastRequestAt"]
+
+
+async def test_ending_a_login_ends_its_ide_sessions_and_cuts_their_websockets(ide: DevIde) -> None:
+    """Logout ends the IDE sessions of that login only; a password reset ends every one of the user."""
+    gateway = ide.gateway
+    other = (await gateway.client.post("/api/auth/login", json={"email": "dev@example.com",
+                                                                "password": "password123"})).json()
+    logged_out, kept = await ide.path_cookie(), await ide.path_cookie(other)
+    origin = (b"origin", f"http://127.0.0.1:{ide.port}".encode())
+    async with ide.websocket(f"/__ide/{ide.id}/", [origin, (b"cookie", logged_out.encode())]) as cut, \
+            ide.websocket(f"/__ide/{ide.id}/", [origin, (b"cookie", kept.encode())]) as survivor:
+        await cut.get_message()
+        await survivor.get_message()
+        logout = await gateway.client.post("/api/auth/logout", json={"refreshToken": ide.session["refreshToken"]})
+        assert logout.status_code == 204
+        with trio.fail_after(5), pytest.raises(ConnectionClosed):
+            await cut.get_message()
+        await survivor.send_message("still here")
+        assert await survivor.get_message() == "still here"
+        refused = await ide.get(f"/__ide/{ide.id}/", {"cookie": logged_out})
+        assert refused.status_code == 401 and refused.json()["error"] == "SESSION_REVOKED"
+        echoed(await ide.get(f"/__ide/{ide.id}/", {"cookie": kept}))
+
+        await gateway.client.post("/api/auth/password-reset/request", json={"email": "dev@example.com"})
+        reset = await gateway.client.post("/api/auth/password-reset/confirm", json={
+            "token": _mail_token(gateway.settings.data_dir / "outbox"), "password": "another-password"})
+        assert reset.status_code == 200
+        with trio.fail_after(5), pytest.raises(ConnectionClosed):
+            await survivor.get_message()
+    assert (await ide.get(f"/__ide/{ide.id}/", {"cookie": kept})).status_code == 401
 
 
 async def test_stopped_code_server_answers_502_and_restart_brings_it_back(ide: DevIde) -> None:

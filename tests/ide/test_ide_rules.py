@@ -1,5 +1,5 @@
 """The IDE proxy's resolve and header rules as plain functions, the websocket splice on real socket
-pairs, and the activity record on both databases."""
+pairs, the end of open websockets on revocation, and the activity record on both databases."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import trio
 import trio.testing
 
 from gateway.ide_proxy import (
+    IdeGrant,
+    IdeProxy,
+    IdeRevocation,
     IdeTarget,
     credential_of,
     ide_host_pattern,
@@ -22,6 +25,7 @@ from gateway.ide_proxy import (
     without_token,
 )
 from gateway.server import Request
+from gateway.upstream import UpstreamPool
 from storage import dev as store_dev
 from storage.clock import utcnow
 from storage.db import Store, connect_database
@@ -117,6 +121,43 @@ async def test_splice_copies_both_ways_and_passes_a_half_close_on() -> None:
         assert await browser.receive_some() == b"last words"
         await container.send_eof()
     assert await browser.receive_some() == b""
+
+
+async def test_open_websockets_end_when_revoked_or_no_longer_allowed_on_recheck() -> None:
+    refused: set[str] = set()  # logins the rule refuses now, though no revocation was heard here
+
+    async def still_allowed(grant: IdeGrant) -> bool:
+        return grant.family not in refused
+
+    async def authorize(*args: object) -> IdeGrant:
+        raise AssertionError("not asked here")
+
+    proxy = IdeProxy(UpstreamPool(), authorize, still_allowed, activity=None,  # type: ignore[arg-type]
+                     ide_domain="ide.localhost", cookie_secure=False, access_check_interval=0.05)
+    ended: list[str] = []
+
+    async def websocket(user_id: int, family: str) -> None:
+        with proxy.holding(IdeGrant("127.0.0.1", 1, 7, user_id, family)):
+            await trio.sleep_forever()
+        ended.append(family)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.run)
+            for user_id, family in ((1, "phone"), (1, "laptop"), (2, "desk"), (3, "other")):
+                nursery.start_soon(websocket, user_id, family)
+            await trio.testing.wait_all_tasks_blocked()
+            assert proxy.revoke(IdeRevocation(family="phone")) == 1
+            await trio.testing.wait_all_tasks_blocked()
+            assert ended == ["phone"]
+            refused.add("desk")
+            while "desk" not in ended:
+                await trio.sleep(0.01)
+            assert proxy.revoke(IdeRevocation(user_id=1)) == 1
+            assert proxy.revoke(IdeRevocation()) == 0  # names nobody: cuts nothing
+            await trio.testing.wait_all_tasks_blocked()
+            assert ended == ["phone", "desk", "laptop"]
+            nursery.cancel_scope.cancel()
 
 
 @pytest.fixture
