@@ -14,7 +14,6 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
-import httpx
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio.lifespan import Lifespan

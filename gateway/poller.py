@@ -26,7 +26,6 @@ from storage.instances import PollResult, PollTarget
 
 from .agent_client import (
     AgentClient,
-    AgentResult,
     AgentTarget,
     describe_failure,
     is_agent_ready_result,
