@@ -217,7 +217,7 @@ def record_polls(results: list[PollResult]) -> None:
     rows = [_poll_row(result) for result in results]
     cursor = database.cursor()
     if is_postgres(database):
-        from psycopg2.extras import execute_batch
+        from psycopg2.extras import execute_batch  # imported here: only PostgreSQL needs it
 
         execute_batch(cursor, sql, rows, page_size=250)
     else:

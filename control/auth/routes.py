@@ -198,6 +198,8 @@ async def password_reset_confirm(ctx: Ctx) -> dict[str, Any]:
     if user_id is None:
         raise ApiError(400, "INVALID_RESET_TOKEN")
     await revoke_ide_sessions(ctx.services.events, user=user_id)
+    # Every login ended: the account's open consoles close with 4010 on whichever replica holds them.
+    await ctx.services.events.publish("console.disconnect_user", user=user_id)
     return {"status": "password-changed"}
 
 

@@ -12,6 +12,7 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from control.auth.tokens import TokenKind, TokenService
 from control.config import Settings
 from tests.conftest import TEST_SECRET, Gateway
+from tests.control.test_auth import _mail_token
 from tests.dataplane.helpers import kill_agent
 
 
@@ -214,3 +215,22 @@ async def test_connection_cap_and_message_size_limit(short_tokens: Settings,
                 while True:
                     await one.get_message()
             assert closed.value.reason.code == 1009
+
+
+async def test_a_password_reset_closes_the_accounts_consoles_with_4010(server: tuple[Gateway, dict, dict]) -> None:
+    gateway, session, instance = server
+    token = await console_token(gateway, session, instance["id"])
+    with trio.fail_after(30):
+        async with open_websocket_url(ws_url(gateway, instance["id"])) as ws:
+            await ws.send_message(json.dumps({"type": "auth", "token": token}))
+            assert json.loads(await ws.get_message())["type"] == "ready"
+            email = session["user"]["email"]
+            await gateway.client.post("/api/auth/password-reset/request", json={"email": email})
+            reset = _mail_token(gateway.settings.data_dir / "outbox")
+            done = await gateway.client.post("/api/auth/password-reset/confirm",
+                                             json={"token": reset, "password": "a-new-password-1"})
+            assert done.status_code == 200, done.text
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await ws.get_message()
+            assert closed.value.reason.code == 4010
