@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from gateway.agent_client import AgentClient, AgentTarget, describe_failure, is_agent_ready_result
+from gateway.errors import ApiError
 from storage import instances as store_instances
 from storage import operations as store_operations
 from storage import users
@@ -34,6 +35,10 @@ from .lifecycle import PROVISIONING, InstanceState, next_instance_state
 from .providers.base import ContainerSpec, Provider, ProviderError
 
 log = logging.getLogger("zlh.provisioning")
+
+
+class Superseded(Exception):
+    """The instance's state was moved by someone else (a delete, another replica) since it was read."""
 
 
 class ProvisioningFailed(Exception):
@@ -99,6 +104,8 @@ class Provisioner:
         with scope:
             try:
                 await self.provision(instance_id)
+            except Superseded:
+                log.info("provisioning of instance %s stopped: its state was moved elsewhere", instance_id)
             except Exception as exc:
                 log.exception("provisioning %s crashed", instance_id)
                 instance = await self.store.run(store_instances.get_instance, instance_id)
@@ -108,8 +115,12 @@ class Provisioner:
             del self._scopes[instance_id]
 
     async def _move(self, instance: Any, event: str, **fields: Any) -> Any:
+        """One transition, compare-and-set on the state it was read in: never overwrite a move made
+        meanwhile (a DELETING set by a request on another replica must not become READY here)."""
         state = next_instance_state(instance.state, event)
-        await self.store.run(store_instances.update_instance, instance.id, state=state.value, **fields)
+        if not await self.store.run(store_instances.move_instance, instance.id, instance.state,
+                                    state=state.value, **fields):
+            raise Superseded(instance.id)
         instance.state = state.value
         for key, value in fields.items():
             setattr(instance, key, value)
@@ -189,8 +200,14 @@ class Provisioner:
         """Tear down everything an instance has: provisioning, edge routes, container, row
         (archived). Safe to repeat; a container already gone counts as destroyed."""
         self.cancel(instance.id)
-        if instance.state != InstanceState.DELETING.value:
-            await self._move(instance, "delete")
+        while instance.state != InstanceState.DELETING.value:
+            try:
+                await self._move(instance, "delete")
+            except Superseded:  # moved meanwhile (a provisioning step elsewhere): read it again
+                instance_id = instance.id
+                instance = await self.store.run(store_instances.get_instance, instance_id)
+                if instance is None:
+                    raise ApiError(404, "SERVER_NOT_FOUND", {"id": instance_id}) from None
         with trio.CancelScope(shield=True):
             await self.edge.unpublish(published(instance))
             await self.provider.destroy(instance.vmid)

@@ -64,6 +64,14 @@ def update_instance(instance_id: int, **fields: Any) -> None:
     Instance.update(**fields).where(Instance.id == instance_id).execute()
 
 
+def move_instance(instance_id: int, expected_state: str, **fields: Any) -> bool:
+    """Update the row only if it is still in `expected_state` (compare-and-set): False when another
+    actor (a delete, another replica) moved it first."""
+    fields["updated_at"] = utcnow()
+    query = Instance.update(**fields).where((Instance.id == instance_id) & (Instance.state == expected_state))
+    return bool(query.execute())
+
+
 def instances_in_states(states: list[str]) -> list[Instance]:
     return list(Instance.select().where(Instance.state.in_(states)).order_by(Instance.id))
 

@@ -96,3 +96,33 @@ async def test_invalid_instance_requests_are_4xx(gateway: Gateway) -> None:
         response = await gateway.client.post("/api/instances", headers=gateway.bearer(session), json=body)
         assert response.status_code == 422, (body, response.text)
     assert (await gateway.client.get("/api/instances", headers=gateway.bearer(session))).json() == []
+
+
+async def test_a_delete_recorded_elsewhere_mid_provisioning_is_never_overwritten(gateway: Gateway) -> None:
+    """Another replica's DELETE lands while this one provisions: every later provisioning step is a
+    compare-and-set on the state it read, so the row stays DELETING instead of moving on to READY."""
+    session = await gateway.register()
+    response = await gateway.client.post("/api/instances", headers=gateway.bearer(session), json={
+        "kind": "game", "name": "raced", "engineType": "minecraft", "payload": {}})
+    assert response.status_code == 202, response.text
+    sid = response.json()["id"]
+    db = connect_database(gateway.settings.database_url)
+
+    def state() -> str:
+        with db.connection_context(), db.bind_ctx([store_instances.Instance]):
+            return store_instances.Instance.get_by_id(sid).state
+
+    def delete_elsewhere(expected: str) -> bool:
+        with db.connection_context(), db.bind_ctx([store_instances.Instance]):
+            return store_instances.move_instance(sid, expected, state="deleting")
+
+    with trio.fail_after(30):
+        while True:  # catch it between two provisioning steps (the CAS fails if a step lands first)
+            seen = await trio.to_thread.run_sync(state)
+            assert seen in ("reserved", "creating", "configuring", "awaiting_ready"), (
+                f"provisioning got to {seen} before the race")
+            if seen in ("configuring", "awaiting_ready") and await trio.to_thread.run_sync(delete_elsewhere, seen):
+                break
+            await trio.sleep(0.005)
+    await trio.sleep(3)  # the agent becomes ready meanwhile; its provisioning steps must all lose
+    assert await trio.to_thread.run_sync(state) == "deleting"
