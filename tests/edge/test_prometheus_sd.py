@@ -69,7 +69,8 @@ async def test_sd_endpoint_is_bearer_protected_json(sd_gateway: Gateway, publish
 async def test_sd_endpoint_is_off_and_nothing_is_published_by_default(gateway: Gateway) -> None:
     answer = await gateway.client.get(SD_PATH, headers={"authorization": f"Bearer {TOKEN}"})
     assert answer.status_code == 404
-    chosen, worker = edge_publisher(gateway.settings, Store(connect_database("sqlite:///:memory:")))
+    # The gateway's own database: the models' one proxy must not be pointed elsewhere while it runs.
+    chosen, worker = edge_publisher(gateway.settings, Store(connect_database(gateway.settings.database_url)))
     assert isinstance(chosen, NoEdge) and worker is None
     assert "no DNS" in chosen.describe()["note"]
 
