@@ -32,7 +32,7 @@ class LocalProvider:
     name = "local"
 
     def __init__(self, root: Path, *, agent_args: list[str] | None = None, stop_agents_on_exit: bool = False) -> None:
-        self.root = Path(root) / "containers"
+        self.root = Path(root).resolve() / "containers"  # agents run with their own directory as cwd
         self.agent_args = agent_args or []
         self.stop_agents_on_exit = stop_agents_on_exit
         self._locks: dict[int, trio.Lock] = {}
