@@ -16,7 +16,7 @@ import httptools
 import trio
 
 from . import fdio
-from .upstream import UpstreamBroken, UpstreamError, UpstreamTimeout, peer_closed
+from .upstream import UpstreamBroken, UpstreamError, open_stream, take_idle
 
 RECEIVE_SIZE = 64 * 1024
 
@@ -104,19 +104,8 @@ class SmallCallPool:
                     await stream.aclose()
 
     async def _connect(self, host: str, port: int) -> trio.SocketStream:
-        idle = self._idle[(host, port)]
-        while idle:
-            stream = idle.pop()
-            if not peer_closed(stream):
-                return stream
-            await stream.aclose()
-        with trio.move_on_after(self.connect_timeout) as scope:
-            try:
-                return await trio.open_tcp_stream(host, port)
-            except OSError as exc:
-                raise UpstreamError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
-        assert scope.cancelled_caught
-        raise UpstreamTimeout(f"connect to {host}:{port} timed out")
+        stream = await take_idle(self._idle[(host, port)], lambda kept: kept)
+        return stream if stream is not None else await open_stream(host, port, self.connect_timeout)
 
     async def aclose(self) -> None:
         for idle in self._idle.values():

@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 import select
 from collections import defaultdict
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import h11
 import trio
@@ -22,6 +23,7 @@ import trio
 RECEIVE_SIZE = 256 * 1024
 
 Headers = list[tuple[bytes, bytes]]
+T = TypeVar("T")
 
 
 class UpstreamError(Exception):
@@ -126,21 +128,10 @@ class UpstreamPool:
     _idle: dict[tuple[str, int], list[_Connection]] = field(default_factory=lambda: defaultdict(list))
 
     async def _connect(self, host: str, port: int) -> _Connection:
-        idle = self._idle[(host, port)]
-        while idle:
-            connection = idle.pop()
-            # An idle keep-alive socket the peer closed shows up as readable; never reuse it.
-            if not peer_closed(connection.stream):
-                return connection
-            await connection.stream.aclose()
-        with trio.move_on_after(self.connect_timeout) as scope:
-            try:
-                stream = await trio.open_tcp_stream(host, port)
-            except OSError as exc:
-                raise UpstreamError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
-        if scope.cancelled_caught:
-            raise UpstreamTimeout(f"connect to {host}:{port} timed out")
-        return _Connection(stream, h11.Connection(h11.CLIENT))
+        connection = await take_idle(self._idle[(host, port)], lambda c: c.stream)
+        if connection is not None:
+            return connection
+        return _Connection(await open_stream(host, port, self.connect_timeout), h11.Connection(h11.CLIENT))
 
     @asynccontextmanager
     async def request(
@@ -223,6 +214,26 @@ class UpstreamPool:
                 with trio.CancelScope(shield=True):
                     await connection.stream.aclose()
         self._idle.clear()
+
+
+async def open_stream(host: str, port: int, timeout: float) -> trio.SocketStream:
+    """A new connection within `timeout`; UpstreamError (UpstreamTimeout) when there is none."""
+    with trio.move_on_after(timeout):
+        try:
+            return await trio.open_tcp_stream(host, port)
+        except OSError as exc:
+            raise UpstreamError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
+    raise UpstreamTimeout(f"connect to {host}:{port} timed out")
+
+
+async def take_idle(idle: list[T], stream_of: Callable[[T], trio.SocketStream]) -> T | None:
+    """The most recently kept connection the peer has not closed; the closed ones are dropped."""
+    while idle:
+        kept = idle.pop()
+        if not peer_closed(stream_of(kept)):
+            return kept
+        await stream_of(kept).aclose()
+    return None
 
 
 def peer_closed(stream: trio.SocketStream) -> bool:
