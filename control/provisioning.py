@@ -31,7 +31,7 @@ from storage.db import Store
 
 from .cluster import OperationTakeover
 from .edge import EdgePublisher, PublishedInstance
-from .lifecycle import PROVISIONING, InstanceState, next_instance_state
+from .lifecycle import PROVISIONING, InstanceState, is_provisioning, next_instance_state
 from .providers.base import ContainerSpec, Provider, ProviderError
 
 log = logging.getLogger("zlh.provisioning")
@@ -109,7 +109,7 @@ class Provisioner:
             except Exception as exc:
                 log.exception("provisioning %s crashed", instance_id)
                 instance = await self.store.run(store_instances.get_instance, instance_id)
-                if instance is not None and instance.state in {s.value for s in PROVISIONING}:
+                if instance is not None and is_provisioning(instance.state):
                     await self._fail(instance, f"internal error: {type(exc).__name__}")
         if self._scopes.get(instance_id) is scope:
             del self._scopes[instance_id]
@@ -128,7 +128,7 @@ class Provisioner:
 
     async def provision(self, instance_id: int) -> None:
         instance = await self.store.run(store_instances.get_instance, instance_id)
-        if instance is None or instance.state not in {s.value for s in PROVISIONING}:
+        if instance is None or not is_provisioning(instance.state):
             return
         try:
             if instance.state == InstanceState.RESERVED.value:

@@ -51,13 +51,25 @@ async def lines_until(ws, predicate, timeout: float = 20.0) -> list[dict]:  # ty
                     return seen
 
 
+async def authenticate(ws, token: str, **extra: object) -> None:  # type: ignore[no-untyped-def]
+    await ws.send_message(json.dumps({"type": "auth", "token": token, **extra}))
+    assert json.loads(await ws.get_message())["type"] == "ready"
+
+
+async def close_code(ws) -> int:  # type: ignore[no-untyped-def]
+    """Read until the gateway closes the socket; its close code."""
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await ws.get_message()
+    return closed.value.reason.code
+
+
 async def test_ten_thousand_commands_round_trip_in_order(server: tuple[Gateway, dict, dict]) -> None:
     gateway, session, instance = server
     token = await console_token(gateway, session, instance["id"])
     with trio.fail_after(120):
         async with open_websocket_url(ws_url(gateway, instance["id"])) as ws:
-            await ws.send_message(json.dumps({"type": "auth", "token": token}))
-            assert json.loads(await ws.get_message())["type"] == "ready"
+            await authenticate(ws, token)
             expected = 0
             batch = 200
             for start in range(0, 10_000, batch):
@@ -78,8 +90,7 @@ async def test_two_clients_see_the_same_output_and_reconnect_resumes(server: tup
     with trio.fail_after(60):
         async with open_websocket_url(url) as first, open_websocket_url(url) as second:
             for ws in (first, second):
-                await ws.send_message(json.dumps({"type": "auth", "token": token}))
-                assert json.loads(await ws.get_message())["type"] == "ready"
+                await authenticate(ws, token)
             await first.send_message(json.dumps({"type": "command", "command": "say shared-line"}))
             a = await lines_until(first, lambda f: "shared-line" in f["data"])
             b = await lines_until(second, lambda f: "shared-line" in f["data"])
@@ -90,25 +101,19 @@ async def test_two_clients_see_the_same_output_and_reconnect_resumes(server: tup
             await gateway.client.post(f"/api/servers/{instance['id']}/console/command",
                                       headers=gateway.bearer(session), json={"command": f"echo missed-{n}"})
         async with open_websocket_url(url) as again:
-            await again.send_message(json.dumps({"type": "auth", "token": token, "since": last_seen}))
-            assert json.loads(await again.get_message())["type"] == "ready"
+            await authenticate(again, token, since=last_seen)
             replay = await lines_until(again, lambda f: f["data"] == "missed-4")
             seqs = [f["seq"] for f in replay]
             assert seqs[0] == last_seen + 1 and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
             assert [f["data"] for f in replay if f["data"].startswith("missed-")] == [f"missed-{n}" for n in range(5)]
 
 
-async def _close_code(url: str, first_frame: str | None) -> int:
+async def close_code_on_connect(url: str, first_frame: str | None) -> int:
     with trio.fail_after(20):
         async with open_websocket_url(url) as ws:
             if first_frame is not None:
                 await ws.send_message(first_frame)
-            try:
-                while True:
-                    await ws.get_message()
-            except ConnectionClosed as closed:
-                return closed.reason.code
-    raise AssertionError("not closed")
+            return await close_code(ws)
 
 
 async def test_bad_tokens_are_refused_with_distinct_codes(server: tuple[Gateway, dict, dict]) -> None:
@@ -130,12 +135,12 @@ async def test_bad_tokens_are_refused_with_distinct_codes(server: tuple[Gateway,
     other_token = service.issue(TokenKind.CONSOLE, other["user"]["id"], 60, sid=instance["id"])
     wrong_server = service.issue(TokenKind.CONSOLE, session["user"]["id"], 60, sid=instance["id"] + 1)
     access_token = session["accessToken"]
-    assert await _close_code(url, json.dumps({"type": "auth", "token": forged})) == 4001
-    assert await _close_code(url, json.dumps({"type": "auth", "token": expired})) == 4001
-    assert await _close_code(url, json.dumps({"type": "auth", "token": access_token})) == 4001
-    assert await _close_code(url, json.dumps({"type": "auth", "token": other_token})) == 4004
-    assert await _close_code(url, json.dumps({"type": "auth", "token": wrong_server})) == 4010
-    assert await _close_code(url, json.dumps({"type": "command", "command": "list"})) == 4001
+    assert await close_code_on_connect(url, json.dumps({"type": "auth", "token": forged})) == 4001
+    assert await close_code_on_connect(url, json.dumps({"type": "auth", "token": expired})) == 4001
+    assert await close_code_on_connect(url, json.dumps({"type": "auth", "token": access_token})) == 4001
+    assert await close_code_on_connect(url, json.dumps({"type": "auth", "token": other_token})) == 4004
+    assert await close_code_on_connect(url, json.dumps({"type": "auth", "token": wrong_server})) == 4010
+    assert await close_code_on_connect(url, json.dumps({"type": "command", "command": "list"})) == 4001
 
 
 async def test_agent_death_closes_the_client(server: tuple[Gateway, dict, dict]) -> None:
@@ -143,13 +148,9 @@ async def test_agent_death_closes_the_client(server: tuple[Gateway, dict, dict])
     token = await console_token(gateway, session, instance["id"])
     with trio.fail_after(30):
         async with open_websocket_url(ws_url(gateway, instance["id"])) as ws:
-            await ws.send_message(json.dumps({"type": "auth", "token": token}))
-            assert json.loads(await ws.get_message())["type"] == "ready"
+            await authenticate(ws, token)
             kill_agent(gateway, instance["vmid"])
-            with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    await ws.get_message()
-            assert closed.value.reason.code in (1001, 1011)
+            assert await close_code(ws) in (1001, 1011)
 
 
 async def test_client_close_releases_the_session(server: tuple[Gateway, dict, dict]) -> None:
@@ -157,8 +158,7 @@ async def test_client_close_releases_the_session(server: tuple[Gateway, dict, di
     token = await console_token(gateway, session, instance["id"])
     with trio.fail_after(30):
         async with open_websocket_url(ws_url(gateway, instance["id"])) as ws:
-            await ws.send_message(json.dumps({"type": "auth", "token": token}))
-            assert json.loads(await ws.get_message())["type"] == "ready"
+            await authenticate(ws, token)
         while True:
             metrics = (await gateway.client.get("/metrics")).text
             if "zlh_console_connections 0.0" in metrics:
@@ -193,10 +193,7 @@ async def test_expiry_is_announced_and_re_auth_keeps_the_socket(short_tokens: Se
                 pass
             assert frame["expiresAt"] > first["expiresAt"]
             # Without another re-auth the socket closes with 4001 when the new token runs out.
-            with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    await ws.get_message()
-            assert closed.value.reason.code == 4001
+            assert await close_code(ws) == 4001
 
 
 async def test_connection_cap_and_message_size_limit(short_tokens: Settings,
@@ -207,14 +204,10 @@ async def test_connection_cap_and_message_size_limit(short_tokens: Settings,
     with trio.fail_after(30):
         async with open_websocket_url(url) as one, open_websocket_url(url) as two:
             for ws in (one, two):
-                await ws.send_message(json.dumps({"type": "auth", "token": token}))
-                assert json.loads(await ws.get_message())["type"] == "ready"
-            assert await _close_code(url, json.dumps({"type": "auth", "token": token})) == 4009
+                await authenticate(ws, token)
+            assert await close_code_on_connect(url, json.dumps({"type": "auth", "token": token})) == 4009
             await one.send_message(json.dumps({"type": "command", "command": "x" * 4096}))
-            with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    await one.get_message()
-            assert closed.value.reason.code == 1009
+            assert await close_code(one) == 1009
 
 
 async def test_a_password_reset_closes_the_accounts_consoles_with_4010(server: tuple[Gateway, dict, dict]) -> None:
@@ -222,15 +215,11 @@ async def test_a_password_reset_closes_the_accounts_consoles_with_4010(server: t
     token = await console_token(gateway, session, instance["id"])
     with trio.fail_after(30):
         async with open_websocket_url(ws_url(gateway, instance["id"])) as ws:
-            await ws.send_message(json.dumps({"type": "auth", "token": token}))
-            assert json.loads(await ws.get_message())["type"] == "ready"
+            await authenticate(ws, token)
             email = session["user"]["email"]
             await gateway.client.post("/api/auth/password-reset/request", json={"email": email})
             reset = _mail_token(gateway.settings.data_dir / "outbox")
             done = await gateway.client.post("/api/auth/password-reset/confirm",
                                              json={"token": reset, "password": "a-new-password-1"})
             assert done.status_code == 200, done.text
-            with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    await ws.get_message()
-            assert closed.value.reason.code == 4010
+            assert await close_code(ws) == 4010
