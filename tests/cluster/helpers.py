@@ -26,6 +26,7 @@ from bench.agent.config import FleetConfig
 from bench.agent.http import Request, bound_port, open_listeners, serve_listeners
 from bench.agent.simulator import Fleet, serve_simulated
 from bench.harness import AgentRow, insert_instances
+from bench.nginx import nginx_process, temp_paths
 from bench.processes import Child, running
 from storage.db import Store, connect_database
 
@@ -260,20 +261,9 @@ def nginx_config(prefix: Path, listen_port: int, replica_urls: list[str]) -> str
     failure, idempotent requests retried on the next replica, websocket upgrades passed."""
     servers = "".join(f"        server {u.removeprefix('http://')} max_fails=1 fail_timeout=10s;\n"
                       for u in replica_urls)
-    user = "user root root;\n" if os.geteuid() == 0 else ""
-    return f"""{user}worker_processes 1;
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
+    return f"""{nginx_process(prefix, worker_connections=1024)}http {{
     access_log off;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}
+{temp_paths(prefix)}    map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}
     upstream zlh {{
 {servers}        keepalive 16;
     }}
