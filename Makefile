@@ -29,13 +29,14 @@ pg-binaries:
 edge-binaries: $(VENV)/.installed
 	@$(PY) -m tests.edge.servers install
 
-test: $(VENV)/.installed pg-binaries edge-binaries
+test: $(VENV)/.installed pg-binaries edge-binaries bench-tools
 	$(PY) -m pytest -q -m "not e2e"
 
 e2e: $(VENV)/.installed pg-binaries edge-binaries bench-tools
 	$(PY) -m pytest -q -m e2e
 
-# The bench suite's tools: nginx (the comparison proxy; its service is never started) and wrk.
+# The bench suite's tools: nginx (the comparison proxy, and the load balancer of tests/cluster; its service is never
+# started) and wrk.
 bench-tools:
 	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v curl >/dev/null || \
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx wrk curl)
