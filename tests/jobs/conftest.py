@@ -51,9 +51,11 @@ class Jobs:
     def client(self) -> httpx.AsyncClient:
         return self.gateway.client
 
-    async def register_runner(self, name: str = "runner", labels: list[str] | None = None) -> RunnerClient:
-        response = await self.client.post("/api/v1/agents", json={"name": name, "labels": labels or ["linux"]},
-                                          headers=self.admin)
+    async def register_runner(self, name: str = "runner", labels: list[str] | None = None,
+                              shared: bool = True) -> RunnerClient:
+        """A runner registered by the admin; shared by default, so it leases the operator's jobs."""
+        response = await self.client.post("/api/v1/agents", json={"name": name, "labels": labels or ["linux"],
+                                                                  "shared": shared}, headers=self.admin)
         assert response.status_code == 201, response.text
         body = response.json()
         return RunnerClient(self.client, body["agent"]["id"], {"authorization": f"Bearer {body['token']}"})
@@ -115,10 +117,12 @@ async def jobs(gateway: Gateway) -> Jobs:
 
 @pytest.fixture
 def settings(settings: Any) -> Any:
-    """The shared settings, with the lease reaper passing often enough for tests to watch it work
-    and an artifact cap small enough to exceed cheaply."""
+    """The shared settings, with the lease reaper passing often enough for tests to watch it work,
+    an artifact cap small enough to exceed cheaply, and local repositories and loopback forges
+    allowed (the tests' git repositories are directories; test_sources.py narrows this again)."""
     settings.job_reap_interval = 0.1
     settings.artifact_max_bytes = 4 * 1024 * 1024
+    settings.jobs_allowed_sources = ["local", "127.0.0.0/8"]
     return settings
 
 
