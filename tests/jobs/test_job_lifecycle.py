@@ -146,9 +146,9 @@ async def test_clear_queue_flush_history_and_delete(jobs: Jobs) -> None:
     await runner.status(running["id"], "running")
     waiting = [(await jobs.run_pipeline(build))["id"] for _ in range(2)]
 
-    assert (await jobs.client.post("/api/v1/jobs/clear-queue", headers=jobs.operator)).status_code == 403
-    cleared = await jobs.client.post("/api/v1/jobs/clear-queue", headers=jobs.admin)
+    cleared = await jobs.client.post("/api/v1/jobs/clear-queue", headers=jobs.operator)  # the operator's own
     assert cleared.json() == {"cleared": 2}
+    assert (await jobs.client.post("/api/v1/jobs/clear-queue", headers=jobs.admin)).json() == {"cleared": 0}
     for job_id in waiting:
         assert (await jobs.job(job_id))["status"] == "cancelled"
     assert (await jobs.job(running["id"]))["status"] == "running"
