@@ -255,3 +255,18 @@ async def test_clear_queue_and_flush_history_of_a_user_touch_only_their_jobs(job
     assert (await jobs.job(world.done_job))["status"] == "done"
     assert (await jobs.client.post("/api/v1/jobs/flush-history", headers=world.a)).json() == {"deleted": 1}
     assert (await jobs.client.get(f"/api/v1/jobs/{world.done_job}", headers=world.a)).status_code == 404
+
+
+async def test_openapi_documents_the_ownership_rule_and_the_shared_flag(jobs: Jobs) -> None:
+    document = (await jobs.client.get("/openapi.json")).json()
+    for route in routes():
+        operation = document["paths"][route.openapi_path][route.method.lower()]
+        if route.auth == "user" or "/agents" in route.path:
+            assert "Ownership" in operation.get("description", "") or "shared" in operation.get("description", ""), \
+                f"{route.method} {route.path} does not state its rule"
+    create = document["paths"]["/api/v1/agents"]["post"]
+    shared = create["requestBody"]["content"]["application/json"]["schema"]["properties"]["shared"]
+    assert shared["type"] == "boolean" and shared["default"] is False and "regular users" in shared["description"]
+    assert "shared" in create["description"]
+    lease = document["paths"]["/api/v1/agent/lease"]["post"]
+    assert "shared" in lease["description"]
