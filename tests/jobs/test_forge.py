@@ -18,6 +18,8 @@ import h11
 import pytest
 import trio
 
+from control.jobs.sources import Credentials, SourceUnavailable, list_refs
+from control.jobs.targets import Origin, Target
 from tests.jobs.conftest import PROJECT_YAML, Jobs
 
 SECRET_A = "secret-of-user-a-7f3e"
@@ -48,7 +50,8 @@ class Forge:
         return text + "\n" + "\n".join(decoded)
 
 
-async def _forge(nursery: trio.Nursery) -> Forge:
+async def _forge(nursery: trio.Nursery, redirect_to: str | None = None) -> Forge:
+    """A recording listener answering 404, or a redirect to `redirect_to`."""
     forge = Forge(0)
 
     async def serve(stream: trio.SocketStream) -> None:
@@ -66,8 +69,10 @@ async def _forge(nursery: trio.Nursery) -> Forge:
                     continue
                 break
             forge.requests.append(raw)
-            reply = connection.send(h11.Response(status_code=404, headers=[("content-length", "0"),
-                                                                           ("connection", "close")]))
+            headers = [("content-length", "0"), ("connection", "close")]
+            if redirect_to is not None:
+                headers.append(("location", redirect_to))
+            reply = connection.send(h11.Response(status_code=302 if redirect_to else 404, headers=headers))
             await stream.send_all(reply + connection.send(h11.EndOfMessage()))
         await stream.aclose()
 
@@ -178,3 +183,16 @@ async def test_a_connection_for_another_origin_is_refused_at_import(jobs: Jobs, 
                                     json={"yaml": _yaml("q", mine.url(), "mine")})
     assert admins.status_code == 422 and admins.json()["details"][0]["field"] == "project.vault_connection"
     assert mine.requests == [] and other.requests == []
+
+
+async def test_git_connects_to_the_checked_addresses_and_follows_no_redirect(nursery: trio.Nursery) -> None:
+    elsewhere = await _forge(nursery)
+    forge = await _forge(nursery, redirect_to=elsewhere.url("stolen.git/info/refs?service=git-upload-pack"))
+    # A name that resolves nowhere: git reaches the forge only through the addresses the check pinned.
+    target = Target(f"http://forge.invalid:{forge.port}/repo.git", Origin("http", "forge.invalid", forge.port),
+                    ("127.0.0.1",))
+    with pytest.raises(SourceUnavailable):
+        await list_refs(target, Credentials(None, SECRET_A), 10.0)
+    assert len(forge.requests) == 1 and b"host: forge.invalid" in forge.requests[0].lower()
+    assert SECRET_A in forge.seen()  # its own origin
+    assert elsewhere.requests == []  # the redirect was not followed, with or without the secret
