@@ -23,7 +23,7 @@ import pydantic
 from gateway.errors import ApiError
 from storage import jobs as job_store
 from storage.clock import utcnow
-from storage.jobs import Pipeline, PipelineChain, Project, Runner
+from storage.jobs import Pipeline, PipelineChain, Project, Runner, VaultConnection
 
 from ..api import Body, Ctx
 from . import lifecycle
@@ -226,7 +226,7 @@ async def chain_eligible_agents(ctx: Ctx, chain_id: int) -> dict[str, Any]:
     return await job_store.run(ctx.services.store, eligible)
 
 
-def source_context(ctx: Ctx, project: Project) -> tuple[Project, Any, list[dict[str, Any]]]:
+def source_context(ctx: Ctx, project: Project) -> tuple[Project, VaultConnection | None, list[dict[str, Any]]]:
     """Inside a unit: the project, the vault connection it may use (None when it names none) and the
     source refs cached on the runners the caller may use."""
     row = None
@@ -239,7 +239,7 @@ def source_context(ctx: Ctx, project: Project) -> tuple[Project, Any, list[dict[
     return project, row, [{"ref": ref} for ref in cached]
 
 
-async def source_target(ctx: Ctx, project: Project, row: Any) -> tuple[Target, Credentials | None]:
+async def source_target(ctx: Ctx, project: Project, row: VaultConnection | None) -> tuple[Target, Credentials | None]:
     """The project's repository checked again right before the call (its host may resolve elsewhere
     now), with the connection's credentials only if the repository is on the connection's origin."""
     target = await checked_target(ctx, project.repository or "", "project.repository")
@@ -249,7 +249,8 @@ async def source_target(ctx: Ctx, project: Project, row: Any) -> tuple[Target, C
         raise ApiError(409, "SECRET_UNREADABLE", {"name": project.vault_connection}) from exc
 
 
-async def source_refs_of(ctx: Ctx, project: Project, row: Any, cached: list[dict[str, Any]]) -> dict[str, Any]:
+async def source_refs_of(ctx: Ctx, project: Project, row: VaultConnection | None,
+                         cached: list[dict[str, Any]]) -> dict[str, Any]:
     refs = []
     if project.repository:
         target, credentials = await source_target(ctx, project, row)

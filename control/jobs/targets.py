@@ -3,8 +3,10 @@ connection's `url`. The one rule, checked when a project or connection is stored
 field) and again right before every call (an address may have changed since):
 
 - remote git URLs only: `https://host[:port]/…`, `ssh://[user@]host[:port]/…` and scp-style
-  `[user@]host:path`. Local paths, `file://`, `ext::` and any other `transport::` form, and URLs with a
-  password in them (credentials belong in the vault) are refused;
+  `[user@]host:path`. Local paths, `file://`, `ext::` and any other `transport::` form, http(s) URLs
+  with credentials in them (they belong in the vault), and anything with whitespace, control
+  characters or an authority that is not plainly `[user@]host[:port]` (so no parser reads another
+  host out of it than this one did) are refused;
 - the host must resolve (under a timeout), and every address it resolves to must be public: loopback,
   link-local, private, unspecified, multicast and reserved addresses are refused;
 - the operator may allow more with `ZLH_JOBS_ALLOWED_SOURCES`: CIDRs (a private forge; there plain
@@ -31,6 +33,8 @@ DEFAULT_PORTS = {"https": 443, "http": 80, "ssh": 22}
 _HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*\.?$")
 _SCP = re.compile(r"^(?:(?P<user>[A-Za-z0-9._~-]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^/@:\[\]]+):(?P<path>.*)$")
 _TRANSPORT = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*::")
+# The authority of a URL, strictly: so Python, git and curl cannot read a different host out of it.
+_AUTHORITY = re.compile(r"^(?:(?P<user>[A-Za-z0-9._~-]+)@)?(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -96,6 +100,8 @@ def parse_origin(url: str) -> Origin | None:
 
 def _refuse_form(url: str, allowed: AllowedSources, *, http_only: bool) -> Origin | None:
     """The origin of an acceptable URL, None for an allowed local path; SourceRefused otherwise."""
+    if any(c.isspace() or not c.isprintable() or c == "\\" for c in url):
+        raise SourceRefused("the URL must not contain whitespace, control characters or backslashes")
     if _TRANSPORT.match(url):
         raise SourceRefused("transport:: URLs (ext::, fd::, …) are not accepted")
     if "://" in url:
@@ -109,8 +115,11 @@ def _refuse_form(url: str, allowed: AllowedSources, *, http_only: bool) -> Origi
         if scheme not in wanted:
             raise SourceRefused(f"scheme {scheme}:// is not accepted; use " + (
                 "http(s)://" if http_only else "https://, ssh:// or user@host:path"))
-        if parts.password is not None:
-            raise SourceRefused("a URL must not carry a password; put credentials in the vault")
+        authority = _AUTHORITY.match(parts.netloc)
+        if authority is None:
+            raise SourceRefused("the URL has no valid host")
+        if authority.group("user") is not None and scheme != "ssh" or parts.password is not None:
+            raise SourceRefused("an http(s) URL must not carry credentials; put them in the vault")
         origin = parse_origin(url)
         if origin is None or not _valid_host(origin.host):
             raise SourceRefused("the URL has no valid host")

@@ -39,7 +39,9 @@ REFUSED = [
     "https://169.254.169.254/latest/meta-data", "https://10.0.0.5/repo.git", "https://192.168.1.1/r.git",
     "https://172.16.0.1/r.git", "https://0.0.0.0/r.git", "https://224.0.0.1/r.git", "https://[::ffff:127.0.0.1]/r",
     "https://[fe80::1]/r", "https://100.64.0.1/r", "git@127.0.0.1:org/repo.git", "ssh://git@10.1.2.3/repo.git",
-    "https://user:password@1.1.1.1/repo.git", "https://-oProxyCommand=touch/x", "https://no-such-host.invalid/r.git",
+    "https://user:password@1.1.1.1/repo.git", "https://user@1.1.1.1/repo.git", "https://a@b@1.1.1.1/r.git",
+    "https://1.1.1.1\t/r.git", "https://1.1.1.1/r.git\n", "https://1.1.1.1\\@127.0.0.1/r.git",
+    "https://-oProxyCommand=touch/x", "https://no-such-host.invalid/r.git", "git://1.1.1.1/r.git",
 ]
 
 
