@@ -3,6 +3,7 @@ os.environ. Secrets here are never logged (Settings.__repr__ hides them)."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import socket
@@ -104,6 +105,9 @@ class Settings:
     runner_offline_after: float = 60.0
     artifact_max_bytes: int = 2 * 1024**3
     source_timeout: float = 15.0
+    # Where project repositories and vault connections may point besides public hosts: CIDRs (for
+    # private forges; http:// is accepted only there) and/or "local" (paths, file://). Tests use it.
+    jobs_allowed_sources: list[str] = field(default_factory=list)
     update_feed_dir: Path | None = None  # release feed for update check/apply; default data_dir/release-feed
     ready_timeout: float = 120.0
     local_agent_args: list[str] = field(default_factory=list)
@@ -179,6 +183,10 @@ class Settings:
         s.job_lease_ttl = float(env.get("ZLH_JOB_LEASE_TTL", s.job_lease_ttl))
         s.job_max_attempts = int(env.get("ZLH_JOB_MAX_ATTEMPTS", s.job_max_attempts))
         s.artifact_max_bytes = int(env.get("ZLH_ARTIFACT_MAX_BYTES", s.artifact_max_bytes))
+        s.jobs_allowed_sources = [e.strip() for e in env.get("ZLH_JOBS_ALLOWED_SOURCES", "").split(",") if e.strip()]
+        for entry in s.jobs_allowed_sources:  # a typo must stop start-up, not silently allow nothing
+            if entry != "local":
+                ipaddress.ip_network(entry, strict=False)
         if env.get("ZLH_UPDATE_FEED"):
             s.update_feed_dir = Path(env["ZLH_UPDATE_FEED"])
         _edge_from_env(s, env)

@@ -15,6 +15,11 @@ here *begins* with a write (the runner's touch, or the conditional UPDATE itself
 write lock first and waits on busy_timeout, instead of reading a snapshot that a later write cannot
 upgrade. The conditional UPDATE plus its row count is the claim.
 
+Ownership: projects, jobs and vault connections carry `owner_id` (the user who created them; NULL only
+for rows older than m0010 on a database that had no admin, which only admins see); runners carry the
+admin who registered them and whether they are `shared` with regular users. The listing functions take
+an optional `owner_id` filter; which filter applies to whom is control/jobs/access.py's decision.
+
 This module never decides policy (who may lease what, what a transition means) and never touches files.
 """
 
@@ -29,7 +34,7 @@ import trio
 
 from .clock import utcnow
 from .db import Store, database, is_postgres
-from .models import BaseModel, JSONField
+from .models import BaseModel, JSONField, User
 
 T = TypeVar("T")
 
@@ -41,6 +46,8 @@ class Runner(BaseModel):
     name = peewee.CharField(max_length=128)
     token_hash = peewee.CharField(unique=True, max_length=128)
     labels = JSONField(default=list)
+    owner_id = peewee.IntegerField(null=True, index=True)  # the admin who registered it
+    shared = peewee.BooleanField(default=False)  # may lease regular users' jobs
     active = peewee.BooleanField(default=True)
     version = peewee.CharField(null=True, max_length=64)
     hostname = peewee.CharField(null=True, max_length=255)
@@ -51,7 +58,8 @@ class Runner(BaseModel):
 
 
 class Project(BaseModel):
-    name = peewee.CharField(unique=True, max_length=128)
+    name = peewee.CharField(unique=True, max_length=128)  # the key runners report cached sources by
+    owner_id = peewee.IntegerField(null=True, index=True)
     description = peewee.TextField(default="")
     repository = peewee.CharField(null=True, max_length=1024)
     default_ref = peewee.CharField(max_length=255, default="main")
@@ -105,6 +113,7 @@ class Job(BaseModel):
     lease_expires_at = peewee.DateTimeField(null=True, index=True)
     rerun_of = peewee.IntegerField(null=True)
     requested_by = peewee.IntegerField(null=True)
+    owner_id = peewee.IntegerField(null=True, index=True)  # who queued it (a rerun: who asked for the rerun)
     created_at = peewee.DateTimeField(default=utcnow)
     leased_at = peewee.DateTimeField(null=True)
     started_at = peewee.DateTimeField(null=True)
@@ -136,6 +145,7 @@ class VaultConnection(BaseModel):
     """Credentials the job backend uses; `sealed_secret` is ciphertext only (see control/jobs/sealing.py)."""
 
     name = peewee.CharField(unique=True, max_length=128)
+    owner_id = peewee.IntegerField(null=True, index=True)
     kind = peewee.CharField(max_length=16)
     url = peewee.CharField(max_length=1024)
     username = peewee.CharField(null=True, max_length=255)
@@ -175,8 +185,10 @@ def _on_new_line(text: str) -> Any:
 
 # Runners
 
-def create_runner(runner_id: str, name: str, token_hash: str, labels: list[str]) -> Runner:
-    return Runner.create(id=runner_id, name=name, token_hash=token_hash, labels=labels)
+def create_runner(runner_id: str, name: str, token_hash: str, labels: list[str], *, owner_id: int,
+                  shared: bool) -> Runner:
+    return Runner.create(id=runner_id, name=name, token_hash=token_hash, labels=labels, owner_id=owner_id,
+                         shared=shared)
 
 
 def touch_runner(token_hash: str, now: datetime, lease_until: datetime, live_states: Iterable[str]) -> Runner | None:
@@ -203,8 +215,19 @@ def runner_by_id(runner_id: str) -> Runner | None:
     return Runner.get_or_none(Runner.id == runner_id)
 
 
-def list_runners() -> list[Runner]:
-    return list(Runner.select().order_by(Runner.created_at, Runner.id))
+def list_runners(*, shared_only: bool = False) -> list[Runner]:
+    query = Runner.select()
+    if shared_only:
+        query = query.where(Runner.shared == True)
+    return list(query.order_by(Runner.created_at, Runner.id))
+
+
+def set_runner_shared(runner_id: str, shared: bool) -> bool:
+    return Runner.update(shared=shared).where(Runner.id == runner_id).execute() == 1
+
+
+def user_ids_with_role(role: str) -> set[int]:
+    return {row.id for row in User.select(User.id).where(User.role == role)}
 
 
 def set_runner_active(runner_id: str, active: bool, now: datetime) -> bool:
@@ -222,9 +245,14 @@ def job_by_id(job_id: int) -> Job | None:
     return Job.get_or_none(Job.id == job_id)
 
 
+def _owned_by(model: Any, owner_id: int | None) -> Any:
+    """The rows of `owner_id` (None: every row)."""
+    return model.id.is_null(False) if owner_id is None else model.owner_id == owner_id
+
+
 def list_jobs(*, status: str | None = None, agent_id: str | None = None, pipeline_id: int | None = None,
-              limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
-    query = Job.select()
+              limit: int = 50, offset: int = 0, owner_id: int | None = None) -> tuple[list[Job], int]:
+    query = Job.select().where(_owned_by(Job, owner_id))
     if status is not None:
         query = query.where(Job.status == status)
     if agent_id is not None:
@@ -239,11 +267,15 @@ def jobs_held_by(runner_id: str, states: Iterable[str]) -> list[Job]:
     return list(Job.select().where((Job.agent_id == runner_id) & Job.status.in_(list(states))).order_by(Job.id))
 
 
-def lease_candidates(queued: str, done: str, limit: int = 50) -> list[Job]:
-    """Queued jobs, oldest first, whose upstream job (if any) is done. Not locked: `claim_job` decides."""
+def lease_candidates(queued: str, done: str, limit: int = 50, owners: Iterable[int] | None = None) -> list[Job]:
+    """Queued jobs, oldest first, whose upstream job (if any) is done; with `owners`, only jobs of those
+    owners (or of no owner). Not locked: `claim_job` decides."""
     upstream_done = Job.select(Job.id).where(Job.status == done)
     ready = Job.depends_on.is_null() | Job.depends_on.in_(upstream_done)
-    return list(Job.select().where((Job.status == queued) & ready).order_by(Job.id).limit(limit))
+    query = Job.select().where((Job.status == queued) & ready)
+    if owners is not None:
+        query = query.where(Job.owner_id.is_null() | Job.owner_id.in_(list(owners)))
+    return list(query.order_by(Job.id).limit(limit))
 
 
 def claim_job(job_id: int, runner_id: str, *, queued: str, leased: str, now: datetime,
@@ -316,8 +348,9 @@ def fail_blocked_jobs(now: datetime, *, waiting: str, upstream_failed: Iterable[
             .where((Job.status == waiting) & Job.depends_on.in_(dead_upstream)).execute())
 
 
-def clear_queue(queued: str, to_state: str, now: datetime, error: str) -> int:
-    return Job.update(status=to_state, error=error, finished_at=now).where(Job.status == queued).execute()
+def clear_queue(queued: str, to_state: str, now: datetime, error: str, owner_id: int | None = None) -> int:
+    return (Job.update(status=to_state, error=error, finished_at=now)
+            .where((Job.status == queued) & _owned_by(Job, owner_id)).execute())
 
 
 def _awaited(terminal: list[str]) -> Any:
@@ -331,16 +364,18 @@ def delete_job(job_id: int, terminal: Iterable[str]) -> bool:
                               & Job.id.not_in(_awaited(finished))).execute() == 1
 
 
-def flush_history(terminal: Iterable[str]) -> list[int]:
+def flush_history(terminal: Iterable[str], owner_id: int | None = None) -> list[int]:
     finished = list(terminal)
-    ids = [row.id for row in Job.select(Job.id).where(Job.status.in_(finished) & Job.id.not_in(_awaited(finished)))]
+    ids = [row.id for row in Job.select(Job.id).where(
+        Job.status.in_(finished) & Job.id.not_in(_awaited(finished)) & _owned_by(Job, owner_id))]
     if ids:
         Job.delete().where(Job.id.in_(ids)).execute()
     return ids
 
 
-def job_counts() -> dict[str, int]:
-    rows = Job.select(Job.status, peewee.fn.COUNT(Job.id).alias("n")).group_by(Job.status)
+def job_counts(owner_id: int | None = None) -> dict[str, int]:
+    rows = (Job.select(Job.status, peewee.fn.COUNT(Job.id).alias("n")).where(_owned_by(Job, owner_id))
+            .group_by(Job.status))
     return {row.status: row.n for row in rows}
 
 
@@ -402,8 +437,8 @@ def _replace_children(model: Any, value_field: Any, project: Project, items: lis
             model.create(project=project.id, name=name, **{value_field.name: value})
 
 
-def list_projects() -> list[Project]:
-    return list(Project.select().order_by(Project.name))
+def list_projects(owner_id: int | None = None) -> list[Project]:
+    return list(Project.select().where(_owned_by(Project, owner_id)).order_by(Project.name))
 
 
 def project_by_id(project_id: int) -> Project | None:
@@ -440,15 +475,16 @@ def chain_by_id(chain_id: int) -> PipelineChain | None:
 
 # Vault
 
-def create_vault_connection(name: str, kind: str, url: str, username: str | None,
-                            sealed_secret: str) -> VaultConnection:
+def create_vault_connection(name: str, kind: str, url: str, username: str | None, sealed_secret: str,
+                            owner_id: int) -> VaultConnection:
     if VaultConnection.select().where(VaultConnection.name == name).exists():
         raise NameTaken(name)
-    return VaultConnection.create(name=name, kind=kind, url=url, username=username, sealed_secret=sealed_secret)
+    return VaultConnection.create(name=name, kind=kind, url=url, username=username, sealed_secret=sealed_secret,
+                                  owner_id=owner_id)
 
 
-def list_vault_connections() -> list[VaultConnection]:
-    return list(VaultConnection.select().order_by(VaultConnection.name))
+def list_vault_connections(owner_id: int | None = None) -> list[VaultConnection]:
+    return list(VaultConnection.select().where(_owned_by(VaultConnection, owner_id)).order_by(VaultConnection.name))
 
 
 def vault_connection(connection_id: int) -> VaultConnection | None:

@@ -18,6 +18,7 @@ class Demand:
     source_ref: str | None
     pinned_agent_id: str | None
     offline_cached: bool
+    needs_shared_runner: bool = False  # the job belongs to a regular user
 
 
 def has_cached_source(cached_sources: list[dict[str, Any]], project: str, ref: str | None) -> bool:
@@ -26,10 +27,13 @@ def has_cached_source(cached_sources: list[dict[str, Any]], project: str, ref: s
 
 
 def reasons_against(runner_id: str, labels: list[str], cached_sources: list[dict[str, Any]],
-                    demand: Demand) -> list[str]:
+                    demand: Demand, *, shared: bool) -> list[str]:
     """Why this runner cannot take the job (empty when it can). Liveness and activation are the
-    caller's concern: the lease already knows the runner is calling, previews check them apart."""
+    caller's concern: the lease already knows the runner is calling, previews check them apart.
+    A regular user's job runs only on a runner an admin shared (previews never even list the others)."""
     reasons = []
+    if demand.needs_shared_runner and not shared:
+        reasons.append("agent is not shared with regular users")
     if demand.pinned_agent_id is not None and demand.pinned_agent_id != runner_id:
         reasons.append("job is pinned to another agent")
     missing = sorted(set(demand.labels) - set(labels))

@@ -1,6 +1,7 @@
 """Installer- and UI-facing state: `GET /healthz` (liveness plus database), `GET /api/v1/runtime-state`
 (agents, queue and release at a glance) and `GET /api/v1/server-info` (what this gateway is and
-speaks). Reads only."""
+speaks). Reads only. A regular user's runtime state counts only their own jobs and the runners shared
+with them (access.py's rule)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from storage.db import is_postgres
 
 from ..api import Ctx, json_response
 from . import lifecycle
+from .access import owner_filter, runners_for
 from .present import runner_json
 from .updates import Releases, running_version
 
@@ -32,8 +34,8 @@ async def runtime_state(ctx: Ctx) -> dict[str, Any]:
 
     def read() -> dict[str, Any]:
         now = utcnow()
-        agents = [runner_json(r, now, settings.runner_offline_after) for r in job_store.list_runners()]
-        counts = job_store.job_counts()
+        agents = [runner_json(r, now, settings.runner_offline_after) for r in runners_for(ctx.me)]
+        counts = job_store.job_counts(owner_filter(ctx.me))
         return {
             "agents": {"total": len(agents), "online": sum(a["online"] for a in agents),
                        "active": sum(a["active"] for a in agents)},

@@ -19,6 +19,8 @@ def runner_json(runner: Runner, now: datetime, offline_after: float,
         "id": runner.id,
         "name": runner.name,
         "labels": runner.labels,
+        "shared": runner.shared,
+        "owner_id": runner.owner_id,
         "active": runner.active,
         "online": online,
         "status": "deactivated" if not runner.active else ("online" if online else "offline"),
@@ -30,6 +32,16 @@ def runner_json(runner: Runner, now: datetime, offline_after: float,
         "created_at": isoformat(runner.created_at),
         **({"current_jobs": current_jobs} if current_jobs is not None else {}),
     }
+
+
+SHARED_RUNNER_FIELDS = ("id", "name", "labels", "shared", "active", "online", "status")
+
+
+def shared_runner_json(runner: Runner, now: datetime, offline_after: float) -> dict[str, Any]:
+    """What a regular user sees of a shared runner: enough to choose it, nothing of other tenants'
+    work (no held jobs, no cached sources) and nothing of the host it runs on."""
+    full = runner_json(runner, now, offline_after)
+    return {key: full[key] for key in SHARED_RUNNER_FIELDS}
 
 
 def job_json(job: Job, *, with_output: bool = True) -> dict[str, Any]:
@@ -56,6 +68,7 @@ def job_json(job: Job, *, with_output: bool = True) -> dict[str, Any]:
         "max_attempts": job.max_attempts,
         "lease_expires_at": isoformat(job.lease_expires_at),
         "rerun_of": job.rerun_of,
+        "owner_id": job.owner_id,
         "created_at": isoformat(job.created_at),
         "leased_at": isoformat(job.leased_at),
         "started_at": isoformat(job.started_at),
@@ -101,6 +114,7 @@ def project_json(project: Project, pipelines: list[Pipeline] | None = None,
     body: dict[str, Any] = {
         "id": project.id,
         "name": project.name,
+        "owner_id": project.owner_id,
         "description": project.description,
         "repository": project.repository,
         "default_ref": project.default_ref,

@@ -9,7 +9,7 @@ pydantic's (extra=forbid, strict types), as for every JSON body of the API. Pure
     project:
       name: demo
       description: Demo service
-      repository: https://git.example.com/demo.git   # or a local path; source refs come from it
+      repository: https://git.example.com/demo.git   # https://, ssh:// or user@host:path (targets.py)
       default_ref: main
       icon: icon.svg                                  # file beside the YAML (path imports only)
       vault_connection: git-creds                     # credentials for the repository

@@ -1,6 +1,11 @@
 """Project routes: import (inline YAML, or a YAML file on the gateway's disk for admins), list, get,
 delete, icon and reload. Every configuration passes the strict schema in project_config.py before
-anything is stored; a reload that fails validation leaves the stored project as it was."""
+anything is stored; a reload that fails validation leaves the stored project as it was.
+
+A project belongs to the user who imported it (access.py: others get a 404, admins see all). Its
+`repository` must pass targets.py's rule (a 400 naming `project.repository`), and a `vault_connection`
+must be one this owner may use (vault.usable_connection) whose URL is on the repository's origin, so
+the secret can only ever go where its owner pointed it."""
 
 from __future__ import annotations
 
@@ -15,10 +20,14 @@ from quart import Response
 from gateway.errors import ApiError
 from storage import jobs as job_store
 from storage.clock import utcnow
+from storage.jobs import Project
 
 from ..api import Body, Ctx
+from .access import owner_filter, owns
 from .present import project_json
 from .project_config import MAX_YAML_BYTES, ConfigInvalid, ProjectConfig, parse_project_yaml
+from .targets import Target
+from .vault import checked_target, same_origin, usable_connection
 
 ICON_TYPES = {".svg": "image/svg+xml", ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
               ".webp": "image/webp"}
@@ -52,16 +61,34 @@ def _project_fields(config: ProjectConfig, text: str, source_path: str | None) -
             "loaded_at": utcnow()}
 
 
-def _save(config: ProjectConfig, text: str, source_path: str | None, project_id: int | None) -> dict[str, Any]:
+async def check_repository(ctx: Ctx, config: ProjectConfig) -> Target | None:
+    """targets.py's rule for the project's repository (a 400 naming project.repository)."""
+    repository = config.project.repository
+    return None if repository is None else await checked_target(ctx, repository, "project.repository")
+
+
+def _save(config: ProjectConfig, text: str, source_path: str | None, project_id: int | None, owner_id: int | None,
+          target: Target | None) -> dict[str, Any]:
     """One unit: check references into the vault, then store project, pipelines and chains."""
     name = config.project.vault_connection
-    if name is not None and job_store.vault_connection_by_name(name) is None:
-        raise config_error(ConfigInvalid([{"field": "project.vault_connection",
-                                           "message": f"no vault connection named {name!r}", "type": "reference"}]))
+    if name is not None:
+        row = usable_connection(name, owner_id)
+        if row is None:
+            raise config_error(ConfigInvalid([{"field": "project.vault_connection",
+                                               "message": f"no vault connection named {name!r}",
+                                               "type": "reference"}]))
+        if target is not None and not same_origin(target, row):
+            raise ApiError(400, "SOURCE_REFUSED", [{
+                "field": "project.repository", "type": "origin",
+                "message": f"vault connection {name!r} is for another origin; its secret goes only to its own URL's "
+                           "scheme, host and port"}])
     pipelines = [(p.name, p.model_dump(exclude={"name"})) for p in config.pipelines]
     chains = [(c.name, list(c.pipelines)) for c in config.chains]
+    fields = _project_fields(config, text, source_path)
+    if project_id is None:
+        fields["owner_id"] = owner_id
     try:
-        project = job_store.save_project(_project_fields(config, text, source_path), pipelines, chains, project_id)
+        project = job_store.save_project(fields, pipelines, chains, project_id)
     except job_store.NameTaken as exc:
         raise ApiError(409, "PROJECT_EXISTS", {"field": "project.name", "name": str(exc)}) from exc
     return project_json(project, job_store.pipelines_of(project.id), job_store.chains_of(project.id))
@@ -83,47 +110,55 @@ async def import_project(ctx: Ctx) -> tuple[dict[str, Any], int]:
         raise ApiError(403, "FORBIDDEN", {"reason": "importing from the gateway's disk is admin only"})
     text = body.yaml if body.yaml is not None else await _read_source(body.path or "")
     config = _parse(text)
-    return await job_store.run(ctx.services.store, _save, config, text, body.path, None), 201
+    target = await check_repository(ctx, config)
+    return await job_store.run(ctx.services.store, _save, config, text, body.path, None, ctx.me.id, target), 201
+
+
+def owned_project_or_404(ctx: Ctx, project_id: int) -> Project:
+    """Inside a unit: the caller's project (any for an admin), else the 404 of one that does not exist."""
+    project = job_store.project_by_id(project_id)
+    if project is None or not owns(ctx.me, project.owner_id):
+        raise ApiError(404, "PROJECT_NOT_FOUND")
+    return project
 
 
 async def list_projects(ctx: Ctx) -> dict[str, Any]:
     def listing() -> list[dict[str, Any]]:
         return [project_json(p, job_store.pipelines_of(p.id), job_store.chains_of(p.id))
-                for p in job_store.list_projects()]
+                for p in job_store.list_projects(owner_filter(ctx.me))]
 
     return {"projects": await job_store.run(ctx.services.store, listing)}
 
 
 async def get_project(ctx: Ctx, project_id: int) -> dict[str, Any]:
     def read() -> dict[str, Any]:
-        project = job_store.project_by_id(project_id)
-        if project is None:
-            raise ApiError(404, "PROJECT_NOT_FOUND")
+        project = owned_project_or_404(ctx, project_id)
         return project_json(project, job_store.pipelines_of(project.id), job_store.chains_of(project.id))
 
     return await job_store.run(ctx.services.store, read)
 
 
 async def delete_project(ctx: Ctx, project_id: int) -> None:
-    if not await job_store.run(ctx.services.store, job_store.delete_project, project_id):
-        raise ApiError(404, "PROJECT_NOT_FOUND")
+    def delete() -> None:
+        owned_project_or_404(ctx, project_id)
+        job_store.delete_project(project_id)
+
+    await job_store.run(ctx.services.store, delete)
 
 
 async def reload_project(ctx: Ctx, project_id: int) -> dict[str, Any]:
     """Re-read a path project's YAML (an inline project's stored YAML is re-validated) and store it."""
-    project = await job_store.run(ctx.services.store, job_store.project_by_id, project_id)
-    if project is None:
-        raise ApiError(404, "PROJECT_NOT_FOUND")
+    project = await job_store.run(ctx.services.store, owned_project_or_404, ctx, project_id)
     text = await _read_source(project.source_path) if project.source_path else project.config_yaml
     config = _parse(text)
-    return await job_store.run(ctx.services.store, _save, config, text, project.source_path, project.id)
+    target = await check_repository(ctx, config)
+    return await job_store.run(ctx.services.store, _save, config, text, project.source_path, project.id,
+                               project.owner_id, target)
 
 
 async def project_icon(ctx: Ctx, project_id: int) -> Response:
     """The icon file named in the YAML beside a path project's config, else a generated monogram."""
-    project = await job_store.run(ctx.services.store, job_store.project_by_id, project_id)
-    if project is None:
-        raise ApiError(404, "PROJECT_NOT_FOUND")
+    project = await job_store.run(ctx.services.store, owned_project_or_404, ctx, project_id)
     if project.icon and project.source_path:
         icon = trio.Path(Path(project.source_path).parent / project.icon)
         kind = ICON_TYPES.get(icon.suffix.lower())

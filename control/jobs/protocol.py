@@ -19,7 +19,7 @@ from storage.jobs import Runner
 
 from ..api import Body, Ctx
 from . import lifecycle
-from .access import as_runner
+from .access import as_runner, needs_shared_runner
 from .eligibility import OFFLINE_CACHED, Demand, reasons_against
 from .present import job_json, runner_json
 
@@ -90,10 +90,15 @@ async def lease(ctx: Ctx) -> dict[str, Any]:
             return {"assigned": False, "message": DEACTIVATED_MESSAGE}
         now = utcnow()
         lease_until = now + timedelta(seconds=settings.job_lease_ttl)
-        for job in job_store.lease_candidates(lifecycle.QUEUED, lifecycle.DONE):
+        admins = job_store.user_ids_with_role("admin")
+        # A runner that is not shared never even considers a regular user's job (reasons_against says
+        # the same for previews); narrowing the query keeps such jobs from crowding out its own.
+        candidates = job_store.lease_candidates(lifecycle.QUEUED, lifecycle.DONE,
+                                                owners=None if runner.shared else admins)
+        for job in candidates:
             demand = Demand(job.project_name, tuple(job.labels), job.source_ref, job.pinned_agent_id,
-                            job.execution_mode == OFFLINE_CACHED)
-            if reasons_against(runner.id, runner.labels, runner.cached_sources, demand):
+                            job.execution_mode == OFFLINE_CACHED, needs_shared_runner(job.owner_id, admins))
+            if reasons_against(runner.id, runner.labels, runner.cached_sources, demand, shared=runner.shared):
                 continue
             if job_store.claim_job(job.id, runner.id, queued=lifecycle.QUEUED,
                                    leased=lifecycle.advance(lifecycle.QUEUED, "lease"),

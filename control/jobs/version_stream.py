@@ -7,7 +7,8 @@ version, streamed as Server-Sent Events so the UI shows progress while git answe
     event: error     data: {"error": CODE, "details": …}           (instead of resolved)
     event: done      data: {}
 
-Errors found before streaming starts (unknown pipeline, no repository) are ordinary JSON envelopes."""
+Errors found before streaming starts (unknown pipeline or another tenant's, no repository, a refused
+repository) are ordinary JSON envelopes; the same ownership rule as every pipeline route applies."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from gateway.errors import ApiError, envelope
 from storage import jobs as job_store
 
 from ..api import Ctx
-from .runs import pipeline_or_404, source_context
+from .runs import pipeline_or_404, source_context, source_target
 from .sources import SourceUnavailable, list_refs, resolve
 
 
@@ -31,11 +32,12 @@ def sse_event(event: str, data: Any) -> bytes:
 
 async def version_resolve(ctx: Ctx, pipeline_id: int) -> Response:
     def context() -> Any:
-        return source_context(ctx, pipeline_or_404(pipeline_id).project)
+        return source_context(ctx, pipeline_or_404(ctx, pipeline_id).project)
 
-    project, credentials, _ = await job_store.run(ctx.services.store, context)
+    project, row, _ = await job_store.run(ctx.services.store, context)
     if not project.repository:
         raise ApiError(409, "NO_REPOSITORY", {"project": project.name})
+    target, credentials = await source_target(ctx, project, row)
     requested = ctx.query.get("source_ref") or project.default_ref
     timeout = ctx.services.settings.source_timeout
 
@@ -43,7 +45,7 @@ async def version_resolve(ctx: Ctx, pipeline_id: int) -> Response:
         yield sse_event("started", {"pipeline_id": pipeline_id, "source_ref": requested,
                                     "repository": project.repository})
         try:
-            refs = await list_refs(project.repository, credentials, timeout)
+            refs = await list_refs(target, credentials, timeout)
         except SourceUnavailable as exc:
             yield sse_event("error", envelope("SOURCE_UNAVAILABLE", {"reason": str(exc)}))
         else:

@@ -10,10 +10,11 @@ from typing import Any
 
 import httpx
 import pytest
+import trio
 
-from control.auth.tokens import TokenKind, TokenService
-from storage import clock
-from tests.conftest import TEST_SECRET, Gateway
+from storage import clock, users
+from storage.db import database
+from tests.conftest import Gateway
 
 PROJECT_YAML = """\
 project:
@@ -51,9 +52,11 @@ class Jobs:
     def client(self) -> httpx.AsyncClient:
         return self.gateway.client
 
-    async def register_runner(self, name: str = "runner", labels: list[str] | None = None) -> RunnerClient:
-        response = await self.client.post("/api/v1/agents", json={"name": name, "labels": labels or ["linux"]},
-                                          headers=self.admin)
+    async def register_runner(self, name: str = "runner", labels: list[str] | None = None,
+                              shared: bool = True) -> RunnerClient:
+        """A runner registered by the admin; shared by default, so it leases the operator's jobs."""
+        response = await self.client.post("/api/v1/agents", json={"name": name, "labels": labels or ["linux"],
+                                                                  "shared": shared}, headers=self.admin)
         assert response.status_code == 201, response.text
         body = response.json()
         return RunnerClient(self.client, body["agent"]["id"], {"authorization": f"Bearer {body['token']}"})
@@ -107,24 +110,35 @@ def moved_clock() -> Iterator[None]:
 async def jobs(gateway: Gateway) -> Jobs:
     session = await gateway.register("operator@example.com")
     admin_session = await gateway.register("admin@example.com")
-    # An admin access token as the gateway would issue it for a user whose role is admin.
-    admin_token = TokenService(TEST_SECRET, "zlh-gateway").issue(
-        TokenKind.ACCESS, admin_session["user"]["id"], 600, role="admin")
-    return Jobs(gateway, gateway.bearer(session), {"authorization": f"Bearer {admin_token}"})
+    await make_admin(admin_session["user"]["id"])
+    login = await gateway.client.post("/api/auth/login", json={"email": "admin@example.com", "password": "password123"})
+    assert login.status_code == 200, login.text
+    return Jobs(gateway, gateway.bearer(session), gateway.bearer(login.json()))
+
+
+async def make_admin(user_id: int) -> None:
+    """An admin as `make admin` makes one: the role in the database (what runner sharing reads)."""
+    db = database.obj
+
+    def unit() -> None:
+        with db.connection_context(), db.atomic():
+            users.set_role(user_id, "admin")
+
+    await trio.to_thread.run_sync(unit)
 
 
 @pytest.fixture
 def settings(settings: Any) -> Any:
-    """The shared settings, with the lease reaper passing often enough for tests to watch it work
-    and an artifact cap small enough to exceed cheaply."""
+    """The shared settings, with the lease reaper passing often enough for tests to watch it work,
+    an artifact cap small enough to exceed cheaply, and local repositories and loopback forges
+    allowed (the tests' git repositories are directories; test_sources.py narrows this again)."""
     settings.job_reap_interval = 0.1
     settings.artifact_max_bytes = 4 * 1024 * 1024
+    settings.jobs_allowed_sources = ["local", "127.0.0.0/8"]
     return settings
 
 
 async def wait_for_status(jobs: Jobs, job_id: int, status: str, seconds: float = 10) -> dict[str, Any]:
-    import trio
-
     with trio.fail_after(seconds):
         while True:
             job = await jobs.job(job_id)

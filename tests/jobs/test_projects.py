@@ -84,20 +84,21 @@ async def test_path_import_serves_the_icon_and_reload_rereads_the_file(jobs: Job
     imported = await jobs.client.post("/api/v1/projects/import", json={"path": str(source)}, headers=jobs.admin)
     assert imported.status_code == 201, imported.text
     project = imported.json()
-    icon = await jobs.client.get(f"/api/v1/projects/{project['id']}/icon", headers=jobs.operator)
+    assert (await jobs.client.get(f"/api/v1/projects/{project['id']}/icon", headers=jobs.operator)).status_code == 404
+    icon = await jobs.client.get(f"/api/v1/projects/{project['id']}/icon", headers=jobs.admin)
     assert icon.content == b"<svg id='mine'/>"
 
     source.write_text(source.read_text().replace("chains:", "  - name: lint\n    steps:\n      - name: ruff\n"
                                                               "        run: ruff check\nchains:"))
-    reloaded = await jobs.client.post(f"/api/v1/projects/{project['id']}/reload", headers=jobs.operator)
+    reloaded = await jobs.client.post(f"/api/v1/projects/{project['id']}/reload", headers=jobs.admin)
     assert reloaded.status_code == 200, reloaded.text
     pipelines = reloaded.json()["pipelines"]
     assert [p["name"] for p in pipelines] == ["build", "test", "lint"]
     assert pipelines[0]["id"] == project["pipelines"][0]["id"]  # surviving pipelines keep their ids
 
     source.write_text(source.read_text().replace("run: ruff check", "runs: ruff check"))
-    broken = await jobs.client.post(f"/api/v1/projects/{project['id']}/reload", headers=jobs.operator)
+    broken = await jobs.client.post(f"/api/v1/projects/{project['id']}/reload", headers=jobs.admin)
     fields = {p["field"] for p in broken.json()["details"]}
     assert broken.status_code == 422 and fields == {"pipelines.2.steps.0.run", "pipelines.2.steps.0.runs"}
-    unchanged = await jobs.client.get(f"/api/v1/projects/{project['id']}", headers=jobs.operator)
+    unchanged = await jobs.client.get(f"/api/v1/projects/{project['id']}", headers=jobs.admin)
     assert [p["name"] for p in unchanged.json()["pipelines"]] == ["build", "test", "lint"]
