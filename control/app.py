@@ -307,7 +307,7 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
     services: Services | None = None
     try:
         await prepare_storage(settings, store)
-        metrics = Metrics()
+        metrics = Metrics(version=ops.VERSION)
         services = Services(
             settings=settings,
             store=store,
@@ -337,6 +337,7 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
         services.ide = dev.HostedIde(services)
         cluster.wire_ide_events(services.events, services.ide)
         services.environments = environments.EnvironmentService(services)
+        ops.watch_live_state(services)
         services.billing = billing.Billing.from_settings(settings, store, services.extra)
         services.extra["suspend_servers"] = cluster.fleet_suspender(services.events, servers.server_suspender(services))
         routes = control_routes()

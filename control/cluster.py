@@ -89,6 +89,10 @@ class ClusterService:
             return []
         return await self.store.run(store_cluster.poll_targets_in_slots, self.slots, self.slot_count)
 
+    def slots_held(self) -> int:
+        """How many slot leases this replica holds now (/metrics)."""
+        return len(self.slots) if trio.current_time() < self._slots_until else 0
+
     def is_leader(self) -> bool:
         return trio.current_time() < self._leader_until
 
