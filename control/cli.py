@@ -189,10 +189,11 @@ def _running_replicas(settings: Settings) -> list[dict[str, Any]]:
     for path in sorted(pid_dir(settings).glob("*.json")) if pid_dir(settings).is_dir() else []:
         try:
             record = json.loads(path.read_text())
-            os.kill(int(record["pid"]), 0)
+            pid = int(record["pid"])
         except (OSError, ValueError, KeyError):
-            continue  # a stale file from a replica that did not exit cleanly
-        found.append(record)
+            continue
+        if _alive(pid):  # else a stale file from a replica that did not exit cleanly
+            found.append(record)
     return found
 
 
@@ -224,6 +225,7 @@ def _drain(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _alive(pid: int) -> bool:
+    """Whether `pid` still runs; an exited process its parent has not reaped yet (a zombie) has not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -231,10 +233,10 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:
-        done, _ = os.waitpid(pid, os.WNOHANG)  # our own child (tests): a zombie has exited
-        return done == 0
-    except ChildProcessError:
-        return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def config_reference(args: argparse.Namespace) -> int:
