@@ -38,6 +38,7 @@ async def test_sigint_leaves_no_process_of_the_run(tmp_path: Path) -> None:
         assert not any(alive(pid) for pid in agents)
     finally:
         gateway.kill()
+        _kill_left(agents)
 
 
 async def test_keep_running_setting_leaves_agents_for_readoption(tmp_path: Path) -> None:
@@ -46,7 +47,8 @@ async def test_keep_running_setting_leaves_agents_for_readoption(tmp_path: Path)
         gateway.signal(signal.SIGINT)
         assert await gateway.wait_exit() == 0
         assert all(alive(pid) for pid in agents)
-        again = GatewayProcess(gateway.data_dir, gateway.env)
+        default = {k: v for k, v in gateway.env.items() if k != "ZLH_LOCAL_STOP_AGENTS_ON_EXIT"}
+        again = GatewayProcess(gateway.data_dir, default)
         await again.start()
         again.signal(signal.SIGTERM)  # the re-adopted agents are now stopped on this clean exit
         assert await again.wait_exit() == 0
@@ -55,6 +57,7 @@ async def test_keep_running_setting_leaves_agents_for_readoption(tmp_path: Path)
                 await trio.sleep(0.1)
     finally:
         gateway.kill()
+        _kill_left(agents)
 
 
 async def test_start_after_data_was_removed_stops_the_orphaned_agents(tmp_path: Path) -> None:
@@ -73,6 +76,11 @@ async def test_start_after_data_was_removed_stops_the_orphaned_agents(tmp_path: 
             fresh.signal(signal.SIGTERM)
             assert await fresh.wait_exit() == 0
     finally:
-        for pid in agents:  # never leave a test's agents behind, whatever failed
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        _kill_left(agents)
+
+
+def _kill_left(agents: list[int]) -> None:
+    """Never leave a test's agents behind, whatever failed."""
+    for pid in agents:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
