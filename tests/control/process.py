@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -34,11 +33,14 @@ class GatewayProcess:
     url: str = ""
     log: Path = field(default_factory=Path)
 
-    async def start(self, timeout: float = 60) -> None:
+    def _spawn(self) -> subprocess.Popen[bytes]:
         self.log = self.data_dir.parent / f"gateway-{len(list(self.data_dir.parent.glob('gateway-*.log')))}.log"
         with open(self.log, "wb") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "control", "run", "--port", "0"], env=self.env,
-                                            cwd=self.data_dir.parent, stdout=out, stderr=subprocess.STDOUT)
+            return subprocess.Popen([sys.executable, "-m", "control", "run", "--port", "0"], env=self.env,
+                                    cwd=self.data_dir.parent, stdout=out, stderr=subprocess.STDOUT)
+
+    async def start(self, timeout: float = 60) -> None:
+        self.process = await trio.to_thread.run_sync(self._spawn)
         with trio.fail_after(timeout):
             while True:
                 for path in (self.data_dir / "run").glob("*.json") if (self.data_dir / "run").is_dir() else []:
@@ -97,6 +99,13 @@ class Api:
                 if state.get("instanceState") == "ready" and state.get("agentReady"):
                     return instance
                 await trio.sleep(0.2)
+
+
+def sparse_file(path: Path, size: int) -> None:
+    """A file of `size` bytes that takes no disk (the agent streams it as zeros)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.truncate(size)
 
 
 def agent_record(data_dir: Path, vmid: int) -> dict[str, Any]:

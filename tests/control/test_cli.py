@@ -18,7 +18,7 @@ from control.config import Settings
 from storage.clock import utcnow
 from storage.edge import EdgeOutbox
 from tests.conftest import TEST_SECRET
-from tests.control.process import Api, GatewayProcess, agent_record, alive, process_env
+from tests.control.process import Api, GatewayProcess, agent_record, alive, process_env, sparse_file
 
 
 @pytest.fixture
@@ -117,9 +117,7 @@ async def test_drain_during_an_open_download_lets_it_finish_and_exits_zero(runni
         api = await api_for(running, client)
         instance = await api.provision("game", "busy")
         files = running.data_dir / "containers" / str(instance["vmid"]) / "data" / "files"
-        files.mkdir(parents=True, exist_ok=True)
-        with open(files / "world.bin", "wb") as handle:
-            handle.truncate(size)
+        await trio.to_thread.run_sync(sparse_file, files / "world.bin", size)
         agent_pid = agent_record(running.data_dir, instance["vmid"])["pid"]
         url = f"/api/servers/{instance['id']}/files/download?path=world.bin"
         received = 0

@@ -138,7 +138,7 @@ def _run_gateway_process(tmp_path: Path, env: dict[str, str], *args: str) -> sub
     full = {"PATH": os.environ["PATH"], "JWT_SECRET": TEST_SECRET, "ZLH_DATA_DIR": str(tmp_path / "data"),
             "ZLH_DEMO": "0", **env}
     return subprocess.run([sys.executable, "-m", "control", "run", *args], env=full, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+                          check=False, capture_output=True, text=True, timeout=60)
 
 
 def test_run_with_tls_in_hypercorn_toml_exits_with_the_reason_instead_of_listening_on_nothing(

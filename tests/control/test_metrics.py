@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from storage.clock import utcnow
 from storage.edge import EdgeOutbox
 from tests.conftest import Gateway
+from tests.control.process import sparse_file
 from tests.dataplane.helpers import agent_files, container_dir
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.json"
@@ -91,9 +92,7 @@ async def test_download_in_flight_shows_as_an_open_stream(gateway: Gateway) -> N
     session = await gateway.register()
     server = await gateway.provision(session, "game", "streamer")
     size = 2 * 1024**3  # sparse; far more than socket buffers hold
-    agent_files(gateway, server["vmid"]).mkdir(parents=True, exist_ok=True)
-    with open(agent_files(gateway, server["vmid"]) / "big.bin", "wb") as handle:
-        handle.truncate(size)
+    await trio.to_thread.run_sync(sparse_file, agent_files(gateway, server["vmid"]) / "big.bin", size)
     url = f"/api/servers/{server['id']}/files/download?path=big.bin"
     async with gateway.client.stream("GET", url, headers=gateway.bearer(session)) as response:
         assert response.status_code == 200, response.headers
