@@ -286,6 +286,12 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     return config
 
 
+async def _drain_on_shutdown(shutdown: trio.Event, membership: cluster.ClusterService) -> None:
+    """Drain (SIGTERM, `zlh-gateway drain`): while open streams finish, hand the slots over at once."""
+    await shutdown.wait()
+    await membership.drain()
+
+
 def open_store(settings: Settings) -> Store:
     db = connect_database(settings.database_url, max_connections=settings.db_threads + 4)
     return Store(db, threads=settings.db_threads)
@@ -356,6 +362,8 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
                     await nursery.start(service)
                 if settings.demo_servers:
                     await ensure_demo(services)
+                if services.cluster is not None:
+                    nursery.start_soon(_drain_on_shutdown, shutdown, services.cluster)
                 front = FrontServer(data_plane_router(services), asgi_handler(logged_app), config, metrics)
                 async with trio.open_nursery() as server:
                     binds = await server.start(front.serve, shutdown)

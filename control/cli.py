@@ -6,8 +6,10 @@ DATABASE_URL / ZLH_DATA_DIR), reads through storage/fleet.py, and changes only w
 for (an outbox retry). `drain` reaches a replica on this host through its pid file: `run` writes
 `<data>/run/<replica id>.json` ({pid, replicaId, binds}) and removes it at exit; drain sends that pid
 SIGTERM — the same clean shutdown as Ctrl-C or `systemctl stop`: the replica stops accepting
-connections, closes idle keep-alive ones, lets open streams, consoles and IDE sockets finish within
-hypercorn.toml's graceful_timeout, gives up its slot leases and exits 0. Drain waits for that exit."""
+connections, closes idle keep-alive ones, marks itself draining in the cluster (on PostgreSQL: its slot
+leases and the fleet lead go to the other replicas at once; it keeps heartbeating so the operations it
+drives are not taken over twice), lets open streams, consoles and IDE sockets finish within
+hypercorn.toml's graceful_timeout, resigns and exits 0. Drain waits for that exit."""
 
 from __future__ import annotations
 
@@ -124,7 +126,7 @@ def _replicas(args: argparse.Namespace, settings: Settings) -> int:
     data = _read(settings, fleet.replicas, settings.cluster_lease_ttl)
     if not args.json:
         print(f"leader: {data['leader'] or '-'}   slots: {data['slotCount']}   unheld: {_cell(data['unheldSlots'])}")
-    _print(args, data, data["replicas"], ["id", "address", "live", "heartbeatAgeSeconds", "slots"])
+    _print(args, data, data["replicas"], ["id", "address", "live", "draining", "heartbeatAgeSeconds", "slots"])
     return 0
 
 

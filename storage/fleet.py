@@ -53,6 +53,7 @@ def replicas(lease_ttl: float) -> dict[str, Any]:
         age = (now - replica.heartbeat_at).total_seconds()
         rows.append({"id": replica.id, "address": replica.address, "startedAt": _iso(replica.started_at),
                      "heartbeatAgeSeconds": round(age, 3), "live": age < lease_ttl,
+                     "draining": bool(replica.draining),
                      "slots": held.get(replica.id, [])})
     return {"replicas": rows, "leader": lease_holder(LEADER), "unheldSlots": held.get(None, []),
             "slotCount": sum(len(v) for v in held.values())}
