@@ -1,11 +1,12 @@
 """The operator commands of `python -m control` / `zlh-gateway`: servers, replicas, orphans, outbox,
-drain, config-reference. Each prints a table, or JSON with `--json`.
+drain, users, config-reference. Each prints a table, or JSON with `--json`.
 
 How the CLI reaches the fleet: it opens the same database as the gateway (the same settings:
 DATABASE_URL / ZLH_DATA_DIR), reads through storage/fleet.py, and changes only what an operator asks
-for (an outbox retry). `drain` reaches a replica on this host through its pid file: `run` writes
-`<data>/run/<replica id>.json` ({pid, replicaId, binds}) and removes it at exit; drain sends that pid
-SIGTERM — the same clean shutdown as Ctrl-C or `systemctl stop`: the replica stops accepting
+for (an outbox retry). `users` goes through the admin HTTP API instead (it logs in as an admin:
+ZLH_ADMIN_EMAIL / ZLH_ADMIN_PASSWORD, else asked). `drain` reaches a replica on this host through its
+pid file: `run` writes `<data>/run/<replica id>.json` ({pid, replicaId, binds}) and removes it at exit;
+drain sends that pid SIGTERM — the same clean shutdown as Ctrl-C or `systemctl stop`: the replica stops accepting
 connections, closes idle keep-alive ones, marks itself draining in the cluster (on PostgreSQL: its slot
 leases and the fleet lead go to the other replicas at once; it keeps heartbeating so the operations it
 drives are not taken over twice), lets open streams, consoles and IDE sockets finish within
@@ -14,6 +15,7 @@ hypercorn.toml's graceful_timeout, resigns and exits 0. Drain waits for that exi
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import signal
@@ -23,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import peewee
 import trio
 
@@ -50,17 +53,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     drain.add_argument("--replica", help="replica id (default: the only one running from this data dir)")
     drain.add_argument("--timeout", type=float, default=None,
                        help="seconds to wait for its exit (default: graceful_timeout + 15)")
+    users = command("users", help="accounts, through the gateway's admin API (as an admin)")
+    users.add_argument("action", nargs="?", default="list", choices=["list", "disable", "enable", "delete", "role"])
+    users.add_argument("user_id", nargs="?", type=int, help="the user (disable, enable, delete, role)")
+    users.add_argument("role", nargs="?", choices=["user", "admin"], help="the new role (role)")
+    users.add_argument("--search", help="list: only users whose email contains this")
+    users.add_argument("--url", help="the gateway (default: the replica running from this data dir)")
+    users.add_argument("--email", help="admin email (default ZLH_ADMIN_EMAIL, else asked)")
     reference = sub.add_parser("config-reference", help="write docs/configuration.md from the settings")
     reference.add_argument("--check", action="store_true", help="fail if the file is stale")
     reference.add_argument("--output", type=Path, default=REFERENCE)
 
 
-COMMANDS = {"servers", "replicas", "orphans", "outbox", "drain"}
+COMMANDS = {"servers", "replicas", "orphans", "outbox", "drain", "users"}
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
     handlers: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
-        "servers": _servers, "replicas": _replicas, "orphans": _orphans, "outbox": _outbox, "drain": _drain}
+        "servers": _servers, "replicas": _replicas, "orphans": _orphans, "outbox": _outbox, "drain": _drain,
+        "users": _users}
     try:
         return handlers[args.command](args, settings)
     except peewee.DatabaseError as exc:
@@ -239,6 +250,65 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+ADMIN_USERS = "/api/admin/users"
+HTTP_TIMEOUT = 30.0
+
+
+def _users(args: argparse.Namespace, settings: Settings) -> int:
+    """Accounts go through the admin API (control/accounts.py), never straight to the database, so every
+    action is authorized, audited and ends sessions on every replica the way the API does."""
+    if args.action != "list" and args.user_id is None:
+        print(f"users {args.action} needs a user id", file=sys.stderr)
+        return 2
+    if args.action == "role" and args.role is None:
+        print("users role needs the new role: user or admin", file=sys.stderr)
+        return 2
+    url = args.url or next((r["binds"][0] for r in _running_replicas(settings)), None)
+    if url is None:
+        print(f"users: no gateway running from {pid_dir(settings)}; pass --url", file=sys.stderr)
+        return 1
+    email = args.email or os.environ.get("ZLH_ADMIN_EMAIL") or input("admin email: ")
+    password = os.environ.get("ZLH_ADMIN_PASSWORD") or getpass.getpass("admin password: ")
+    try:
+        with httpx.Client(base_url=url, timeout=HTTP_TIMEOUT) as http:
+            login = http.post("/api/auth/login", json={"email": email, "password": password})
+            if login.status_code != 200:
+                return _http_failure("login", login)
+            headers = {"authorization": f"Bearer {login.json()['accessToken']}"}
+            path = f"{ADMIN_USERS}/{args.user_id}"
+            if args.action == "list":
+                response = http.get(ADMIN_USERS, headers=headers, params={"q": args.search} if args.search else None)
+            elif args.action == "delete":
+                response = http.delete(path, headers=headers)
+            elif args.action == "role":
+                response = http.post(f"{path}/role", headers=headers, json={"role": args.role})
+            else:
+                response = http.post(f"{path}/{args.action}", headers=headers)
+    except httpx.HTTPError as exc:
+        print(f"users: {url} not reachable ({exc})", file=sys.stderr)
+        return 1
+    if response.status_code >= 400:
+        return _http_failure(f"users {args.action}", response)
+    body = response.json() if response.content else {}
+    if args.action == "list":
+        rows = body.get("users", body) if isinstance(body, dict) else body
+        _print(args, body, rows, ["id", "email", "role", "disabled", "createdAt"])
+    elif args.json:
+        print(json.dumps(body))
+    else:
+        print(f"user {args.user_id}: {args.action} done")
+    return 0
+
+
+def _http_failure(what: str, response: httpx.Response) -> int:
+    try:
+        detail = response.json()
+    except ValueError:
+        detail = response.text[:500]
+    print(f"{what}: HTTP {response.status_code} {detail}", file=sys.stderr)
+    return 1
 
 
 def config_reference(args: argparse.Namespace) -> int:
