@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -63,9 +64,24 @@ class GatewayProcess:
         self.process.send_signal(sig)
 
     def kill(self) -> None:
+        """Stop at once, no clean shutdown (its agents keep running, as after a crash)."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+    async def stop(self) -> None:
+        """Teardown: a clean shutdown, then whatever agent of this data dir is still running (one whose
+        record a test removed) is stopped by its pid, so no test leaves a process behind."""
+        if self.process is not None and self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+            with trio.move_on_after(40):
+                await self.wait_exit()
+        self.kill()
+        for pid in processes_under(self.data_dir):
+            try:
+                os.killpg(pid, signal.SIGKILL)  # an agent leads its own session (its game server too)
+            except (ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
 
     async def cli(self, *args: str, expect: int = 0) -> Any:
         """`python -m control <args> --json` against this gateway's settings; its parsed output."""

@@ -31,7 +31,7 @@ async def running(tmp_path: Path, database_url: str) -> AsyncIterator[GatewayPro
     try:
         yield gateway
     finally:
-        gateway.kill()
+        await gateway.stop()
 
 
 async def api_for(gateway: GatewayProcess, client: httpx.AsyncClient) -> Api:

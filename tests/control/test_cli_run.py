@@ -83,4 +83,4 @@ def _kill_left(agents: list[int]) -> None:
     """Never leave a test's agents behind, whatever failed."""
     for pid in agents:
         if alive(pid):
-            os.kill(pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL)  # an agent leads its own session (its game server too)

@@ -51,4 +51,4 @@ async def test_users_commands_manage_accounts_through_the_admin_api(tmp_path: Pa
             await gateway.cli("users", "delete", str(user_id))
             assert await login_status() in (401, 403)
     finally:
-        gateway.kill()
+        await gateway.stop()
