@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PG_BIN := /usr/lib/postgresql/15/bin
 PORT ?= 8080
 
-.PHONY: run test e2e bench bench-tools migrate admin lint pg-binaries edge-binaries
+.PHONY: run test e2e bench bench-tools migrate admin lint pg-binaries edge-binaries code-server config-reference
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -m venv $(VENV) || (apt-get update -q && apt-get install -y -q python3-venv && $(PYTHON) -m venv $(VENV))
@@ -13,8 +13,21 @@ $(VENV)/.installed: pyproject.toml
 	@$(PY) -m pip install -q -e '.[test]'
 	@touch $@
 
+# The dev containers run a real code-server once `make code-server` installed it (ZLH_LOCAL_IDE_COMMAND).
+IDE_COMMAND_FILE := .cache/code-server/ide-command
+
 run: $(VENV)/.installed
-	ZLH_DEMO=$${ZLH_DEMO:-1} $(PY) -m control run --port $(PORT)
+	ZLH_DEMO=$${ZLH_DEMO:-1} ZLH_LOCAL_IDE_COMMAND="$${ZLH_LOCAL_IDE_COMMAND:-$$(cat $(IDE_COMMAND_FILE) 2>/dev/null)}" \
+		$(PY) -m control run --port $(PORT)
+
+# A real VS Code in the browser for the embedded default: Node 24 + code-server from npm into .cache/.
+code-server: $(VENV)/.installed
+	@command -v npm >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q npm)
+	$(PY) -m bench.agent.code_server_install
+
+# docs/configuration.md from the settings object (tests fail when it is stale).
+config-reference: $(VENV)/.installed
+	$(PY) -m control config-reference
 
 migrate: $(VENV)/.installed
 	$(PY) -m control migrate

@@ -1,4 +1,5 @@
-"""Command line: `python -m control run|migrate|create-admin`. The `make run` entry point."""
+"""Command line: `python -m control run|migrate|create-admin` and the operator commands of
+control/cli.py (servers, replicas, orphans, outbox, drain, config-reference). The `make run` entry point."""
 
 from __future__ import annotations
 
@@ -15,15 +16,17 @@ from gateway.logs import configure_logging
 from storage import users
 from storage.migrations import migrate
 
-from .app import open_store, prepare_storage, run_gateway
+from . import cli
+from .app import hypercorn_config, open_store, prepare_storage, run_gateway
 from .auth.passwords import hash_password
-from .config import Settings
+from .config import ConfigError, Settings, bind_for
 
 
 async def _serve(settings: Settings) -> None:
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(partial(run_gateway, settings, shutdown))
+        pid_file = cli.write_pid_file(settings, binds)  # how `drain` finds this replica
         url = binds[0]
         print(f"\nZLH gateway listening on {url}", flush=True)
         print(f"  health:   curl {url}/health", flush=True)
@@ -34,11 +37,14 @@ async def _serve(settings: Settings) -> None:
                   "(one game server and one dev container are being provisioned)", flush=True)
         print(f"  register: curl -s -X POST {url}/api/auth/register -H 'content-type: application/json' "
               "-d '{\"email\":\"me@example.com\",\"password\":\"correct horse battery\"}'\n", flush=True)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                print("shutting down (draining, up to 30 s)…", flush=True)
-                shutdown.set()
-                break
+        try:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    print("shutting down (draining open streams)…", flush=True)
+                    shutdown.set()
+                    break
+        finally:
+            pid_file.unlink(missing_ok=True)
 
 
 async def _create_admin(settings: Settings, email: str, password: str) -> None:
@@ -67,18 +73,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="zlh-gateway")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="migrate and serve")
-    run.add_argument("--port", type=int, help="port to listen on (overrides hypercorn.toml bind)")
-    run.add_argument("--host", default=None)
+    run.add_argument("--port", type=int, help="port to listen on (overrides hypercorn.toml bind; host 127.0.0.1)")
+    run.add_argument("--host", default=None, help="address to listen on (with the configured port unless --port)")
     sub.add_parser("migrate", help="apply database migrations")
     admin = sub.add_parser("create-admin", help="create (or promote) an admin user")
     admin.add_argument("--email")
+    cli.add_commands(sub)
     args = parser.parse_args(argv)
-
-    settings = Settings.from_env()
-    configure_logging(settings.log_level)
+    if args.command == "config-reference":
+        sys.exit(cli.config_reference(args))
+    try:
+        settings = Settings.from_env()
+        configure_logging(settings.log_level)
+        if args.command == "run":
+            settings.bind = bind_for(args.host, args.port, hypercorn_config(settings).bind)
+    except ConfigError as exc:
+        sys.exit(f"configuration error: {exc}")
+    if args.command in cli.COMMANDS:
+        sys.exit(cli.run_command(args, settings))
     if args.command == "run":
-        if args.port is not None:
-            settings.bind = [f"{args.host or '127.0.0.1'}:{args.port}"]
         trio.run(_serve, settings)
     elif args.command == "migrate":
         store = open_store(settings)

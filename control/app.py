@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import logging
 import re
-import tomllib
 from collections.abc import Callable
 from datetime import UTC
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -256,7 +254,8 @@ def data_plane_router(services: Services) -> Callable[[Request], Any]:
 def build_provider(settings: Settings, store: Store) -> Provider:
     if settings.provider == "local":
         return LocalProvider(settings.data_dir, agent_args=settings.local_agent_args,
-                             stop_agents_on_exit=settings.local_stop_agents_on_exit)
+                             stop_agents_on_exit=settings.local_stop_agents_on_exit,
+                             ide_command=settings.local_ide_command)
     if settings.provider == "proxmox":
         return ProxmoxProvider(settings, store)
     raise ValueError(f"unknown provider {settings.provider!r}")
@@ -280,15 +279,17 @@ def create_app(services: Services, routes: list[Route]) -> QuartTrio:
 
 
 def hypercorn_config(settings: Settings) -> HypercornConfig:
-    path = Path(settings.hypercorn_config)
-    data: dict[str, Any] = {}
-    if path.exists():
-        data = tomllib.loads(path.read_text())
-    config = HypercornConfig.from_mapping(data)
-    if settings.bind:
-        config.bind = list(settings.bind)
+    """The front server's configuration from hypercorn.toml, checked (control/config.py): a missing
+    named file, a TLS key or a key the front server does not honour stops the start."""
+    config = HypercornConfig.from_mapping(settings.server_options())
     config.accesslog = None
     return config
+
+
+async def _drain_on_shutdown(shutdown: trio.Event, membership: cluster.ClusterService) -> None:
+    """Drain (SIGTERM, `zlh-gateway drain`): while open streams finish, hand the slots over at once."""
+    await shutdown.wait()
+    await membership.drain()
 
 
 def open_store(settings: Settings) -> Store:
@@ -307,11 +308,12 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
     """Serve until `shutdown` is set (then drain) or until cancelled (then stop at once).
     The nurseries here own every background service of this process."""
     shutdown = trio.Event() if shutdown is None else shutdown
+    config = hypercorn_config(settings)  # a configuration error stops the start before anything runs
     store = open_store(settings)
     services: Services | None = None
     try:
         await prepare_storage(settings, store)
-        metrics = Metrics()
+        metrics = Metrics(version=ops.VERSION)
         services = Services(
             settings=settings,
             store=store,
@@ -341,12 +343,12 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
         services.ide = dev.HostedIde(services)
         cluster.wire_ide_events(services.events, services.ide)
         services.environments = environments.EnvironmentService(services)
+        ops.watch_live_state(services)
         services.billing = billing.Billing.from_settings(settings, store, services.extra)
         services.extra["suspend_servers"] = cluster.fleet_suspender(services.events, servers.server_suspender(services))
         routes = control_routes()
         services.extra["openapi"] = openapi_document(routes, "ZLH gateway", "0.1.0")
         app = create_app(services, routes)
-        config = hypercorn_config(settings)
         logged_app = AccessLog(app, services)
         wrapped = wrap_app(logged_app, config.wsgi_max_body_size, "asgi")
         async with trio.open_nursery() as membership:
@@ -360,6 +362,8 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
                     await nursery.start(service)
                 if settings.demo_servers:
                     await ensure_demo(services)
+                if services.cluster is not None:
+                    nursery.start_soon(_drain_on_shutdown, shutdown, services.cluster)
                 front = FrontServer(data_plane_router(services), asgi_handler(logged_app), config, metrics)
                 async with trio.open_nursery() as server:
                     binds = await server.start(front.serve, shutdown)

@@ -78,6 +78,7 @@ class ClusterService:
         self._leader_until = 0.0
         self._changed = trio.Event()
         self.beats = 0
+        self.draining = False
 
     # --- what the rest of the process asks ----------------------------------------------------------
 
@@ -88,6 +89,16 @@ class ClusterService:
         if trio.current_time() >= self._slots_until:
             return []
         return await self.store.run(store_cluster.poll_targets_in_slots, self.slots, self.slot_count)
+
+    async def drain(self) -> None:
+        """Stop taking slots and the fleet lead now (the others take this replica's agents within a
+        heartbeat); keep heartbeating so the operations this replica drives are not taken over."""
+        self.draining = True
+        await self._beat()
+
+    def slots_held(self) -> int:
+        """How many slot leases this replica holds now (/metrics)."""
+        return len(self.slots) if trio.current_time() < self._slots_until else 0
 
     def is_leader(self) -> bool:
         return trio.current_time() < self._leader_until
@@ -120,7 +131,7 @@ class ClusterService:
         started = trio.current_time()
         try:
             view = await self.store.run(store_cluster.heartbeat, self.replica_id, self.address,
-                                        ttl=self.ttl, slot_count=self.slot_count)
+                                        ttl=self.ttl, slot_count=self.slot_count, draining=self.draining)
         except Exception:
             log.exception("cluster heartbeat failed; ownership lapses unless the next one succeeds")
             return

@@ -1,17 +1,39 @@
 """The one configuration object, read once from the environment at start-up. Nothing else reads
-os.environ. Secrets here are never logged (Settings.__repr__ hides them)."""
+os.environ. Secrets here are never logged (Settings.__repr__ hides them).
+
+Every field is a setting: its environment variable is the field's alias, its meaning the field's
+description, and pydantic parses the value to the field's type, so a bad value is an error that names
+the variable (ConfigError). Adding a setting is one field: `name: type = setting(default, "ENV_NAME",
+"what it means")`. `python -m control config-reference` writes docs/configuration.md from these fields
+(tests/control/test_config_reference.py fails when that file is stale).
+
+Why pydantic and not pydantic-settings: `Settings.from_env(env=…)` must read an explicit mapping (tests
+and the CLI do), which pydantic-settings only offers through a private method of its env source; the
+env source's one other service, JSON for complex values, is the two small validators below.
+
+Also here: hypercorn.toml, the server settings a deployer edits. Only the keys the front server honours
+are accepted (HONOURED_SERVER_KEYS); TLS keys are refused because TLS belongs to the load balancer (the
+front server does descriptor I/O and splices bulk bytes, neither of which works under TLS)."""
 
 from __future__ import annotations
 
 import ipaddress
+import json
+import logging
 import os
 import secrets
+import shlex
 import socket
-from dataclasses import dataclass, field, fields
+import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import to_jsonable_python
 
 from gateway.console import ConsoleLimits
+
+log = logging.getLogger("zlh.config")
 
 DEFAULT_PLANS: list[dict[str, Any]] = [
     {"name": "free", "max_game_servers": 1, "max_dev_servers": 1, "max_cpu_cores": 2,
@@ -23,180 +45,234 @@ DEFAULT_PLANS: list[dict[str, Any]] = [
 _SECRET_FIELDS = {"jwt_secret", "proxmox_token_secret", "pdns_api_key", "prometheus_sd_token",
                   "stripe_secret_key", "stripe_webhook_secret"}
 
+# The repository's hypercorn.toml, found next to the packages (not in the working directory).
+PACKAGED_HYPERCORN_TOML = Path(__file__).resolve().parent.parent / "hypercorn.toml"
+NGINX_FRONT = "deploy/nginx.conf"
+
+# hypercorn.toml keys the front server (gateway/server.py) reads. Anything else is refused at start
+# (IGNORED_SERVER_KEYS are accepted and documented as ignored) so that no setting is silently dropped.
+HONOURED_SERVER_KEYS: dict[str, str] = {
+    "bind": "listen addresses, host:port (ZLH_BIND / --host / --port override)",
+    "backlog": "listen backlog of each socket",
+    "keep_alive_timeout": "seconds an idle keep-alive connection stays open",
+    "graceful_timeout": "seconds in-flight requests get to finish on shutdown or drain",
+    "read_timeout": "seconds to wait for the first bytes of a request on a new connection",
+    "h11_max_incomplete_size": "largest request head accepted (bytes)",
+}
+IGNORED_SERVER_KEYS: dict[str, str] = {
+    "accesslog": "the gateway writes its own access log (one structured line per request, secrets redacted)",
+    "errorlog": "the gateway logs through Python logging (ZLH_LOG_LEVEL)",
+    "loglevel": "use ZLH_LOG_LEVEL",
+    "access_log_format": "the gateway's access log has a fixed structured format",
+}
+TLS_SERVER_KEYS = frozenset({"certfile", "keyfile", "keyfile_password", "ca_certs", "ciphers", "verify_mode",
+                             "verify_flags", "cert_reqs", "alpn_protocols", "insecure_bind", "quic_bind"})
+
 
 class ConfigError(Exception):
     pass
 
 
-@dataclass
-class Settings:
-    data_dir: Path = Path("data")
-    database_url: str = ""
-    jwt_secret: str = ""
-    jwt_issuer: str = "zlh-gateway"
-    access_token_ttl: int = 900
-    refresh_token_ttl: int = 30 * 24 * 3600
-    ide_token_ttl: int = 300
-    console_token_ttl: int = 300
-    password_reset_ttl: int = 1800
-    scrypt_n: int = 2**15
-    login_limit_per_account: int = 10
-    login_limit_per_address: int = 50
-    rate_limit_window: int = 300
-    public_url: str = ""
-    ide_domain: str = "ide.localhost"
-    dev_ide_return_hosted_url: bool = False
-    ide_cookie_secure: bool | None = None
-    ide_session_ttl: int = 12 * 3600  # the IDE cookie's session, once a link token was traded
-    ide_activity_interval: float = 5.0  # seconds between writes of IDE activity (idle auto-stop)
-    # Dev environments API v1 (control/environments.py): stop a RUNNING environment after this many
-    # seconds without activity (0 turns idle auto-stop off), checked every interval; a start/stop/delete
-    # request waits this long for its operation before answering "in progress".
-    environment_idle_timeout: float = 1800.0
-    environment_idle_check_interval: float = 30.0
-    environment_action_wait: float = 45.0
-    provider: str = "local"
-    poll_interval: float = 5.0
-    agent_timeout: float = 3.0
-    hypercorn_config: Path = Path("hypercorn.toml")
-    bind: list[str] = field(default_factory=list)
-    log_level: str = "INFO"
-    db_threads: int = 8
-    plans: list[dict[str, Any]] = field(default_factory=lambda: [dict(p) for p in DEFAULT_PLANS])
-    default_plan: str = "free"
-    demo_servers: bool = False
+def setting(default: Any = None, env: str | None = None, doc: str = "", **kwargs: Any) -> Any:
+    """One setting: its default, its environment variable (None: not settable from the environment),
+    and what it means (the configuration reference prints it)."""
+    if "default_factory" in kwargs:
+        return Field(alias=env, description=doc, **kwargs)
+    return Field(default, alias=env, description=doc, **kwargs)
+
+
+def _words(value: Any) -> Any:
+    """A list from the environment: a JSON array, else comma-separated (or shell words for argv)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+def _argv(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip()
+        return json.loads(text) if text.startswith("[") else shlex.split(text)
+    return value
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+CommaList = Annotated[list[str], BeforeValidator(_words)]
+Argv = Annotated[list[str], BeforeValidator(_argv)]
+JsonPlans = Annotated[list[dict[str, Any]], BeforeValidator(_json)]
+JsonConsoleLimits = Annotated[ConsoleLimits, BeforeValidator(_json)]
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", arbitrary_types_allowed=True)
+
+    data_dir: Path = setting(Path("data"), "ZLH_DATA_DIR",
+                             "SQLite file, generated signing key, mail outbox, local containers, pid files")
+    database_url: str = setting("", "DATABASE_URL", "`postgresql://user:pass@host/db`; default SQLite "
+                                "`<data>/zlh.db`")
+    jwt_secret: str = setting("", "JWT_SECRET", "signing key, >= 32 bytes; per-kind keys are derived from it. "
+                              "Default: generated once into `<data>/jwt.secret`")
+    jwt_issuer: str = setting("zlh-gateway", "ZLH_JWT_ISSUER", "JWT issuer (the same on every replica)")
+    access_token_ttl: int = setting(900, "ZLH_ACCESS_TOKEN_TTL", "seconds an access token is valid")
+    refresh_token_ttl: int = setting(30 * 24 * 3600, "ZLH_REFRESH_TOKEN_TTL", "seconds a refresh token is valid")
+    ide_token_ttl: int = setting(300, "ZLH_IDE_TOKEN_TTL", "seconds an IDE link token is valid")
+    console_token_ttl: int = setting(300, "ZLH_CONSOLE_TOKEN_TTL", "seconds a console token is valid")
+    password_reset_ttl: int = setting(1800, "ZLH_PASSWORD_RESET_TTL", "seconds a password-reset token is valid")
+    scrypt_n: int = setting(2**15, "ZLH_SCRYPT_N", "scrypt cost of password hashes (a power of two)")
+    login_limit_per_account: int = setting(10, "ZLH_LOGIN_LIMIT_PER_ACCOUNT",
+                                           "failed logins per account within the rate-limit window")
+    login_limit_per_address: int = setting(50, "ZLH_LOGIN_LIMIT_PER_ADDRESS",
+                                           "failed logins per client address within the rate-limit window")
+    rate_limit_window: int = setting(300, "ZLH_RATE_LIMIT_WINDOW", "seconds of the login rate-limit window")
+    public_url: str = setting("", "PUBLIC_URL", "the gateway's public URL; `https://…` makes IDE cookies Secure")
+    ide_domain: str = setting("ide.localhost", "IDE_DOMAIN", "hosted IDEs answer on `dev-<id>.<IDE_DOMAIN>`")
+    dev_ide_return_hosted_url: bool = setting(False, "DEV_IDE_RETURN_HOSTED_URL",
+                                              "ide-token answers the hosted URL instead of the tunnel path")
+    ide_cookie_secure: bool | None = setting(None, "IDE_COOKIE_SECURE",
+                                             "force the IDE cookie's Secure flag (default: from PUBLIC_URL)")
+    ide_session_ttl: int = setting(12 * 3600, "IDE_SESSION_TTL",
+                                   "seconds the IDE cookie's session lasts once a link token was traded")
+    ide_activity_interval: float = setting(5.0, "ZLH_IDE_ACTIVITY_INTERVAL",
+                                           "seconds between writes of IDE activity (idle auto-stop)")
+    environment_idle_timeout: float = setting(1800.0, "ENVIRONMENT_IDLE_TIMEOUT",
+                                              "dev environments API: stop a RUNNING environment after this many "
+                                              "seconds without activity (0: never)")
+    environment_idle_check_interval: float = setting(30.0, "ENVIRONMENT_IDLE_CHECK_INTERVAL",
+                                                     "seconds between idle auto-stop checks")
+    environment_action_wait: float = setting(45.0, "ENVIRONMENT_ACTION_WAIT",
+                                             "seconds a start/stop/delete waits before answering in progress")
+    provider: str = setting("local", "ZLH_PROVIDER", "`local` (agent processes on this machine) or `proxmox`")
+    poll_interval: float = setting(5.0, "ZLH_POLL_INTERVAL", "seconds between agent polls")
+    agent_timeout: float = setting(3.0, "ZLH_AGENT_TIMEOUT", "seconds one agent call may take")
+    config_dir: Path | None = setting(None, "ZLH_CONFIG_DIR", "directory holding `hypercorn.toml`")
+    hypercorn_config: Path | None = setting(
+        None, "ZLH_HYPERCORN_CONFIG", "explicit path of hypercorn.toml (must exist). Default: "
+        "`<ZLH_CONFIG_DIR>/hypercorn.toml`, else the one shipped next to the packages")
+    bind: CommaList = setting(env="ZLH_BIND", doc="`host:port[,host:port]`, overrides hypercorn.toml's bind",
+                              default_factory=list)
+    log_level: str = setting("INFO", "ZLH_LOG_LEVEL", "Python log level")
+    db_threads: int = setting(8, "ZLH_DB_THREADS", "database worker threads (and pooled connections - 4)")
+    plans: JsonPlans = setting(env="ZLH_PLANS", doc="plans as a JSON array (see DEFAULT_PLANS); "
+                               "`STRIPE_PRICE_<PLAN>` sets one plan's Stripe price",
+                               default_factory=lambda: [dict(p) for p in DEFAULT_PLANS])
+    default_plan: str = setting("free", "ZLH_DEFAULT_PLAN", "plan of a new account")
+    demo_servers: bool = setting(False, "ZLH_DEMO", "provision the demo account and servers (`make run` sets 1)")
     # Proxmox provider (ZLH_PROVIDER=proxmox). The template is a VMID to clone or an ostemplate volume.
-    proxmox_url: str = ""  # https://pve.example:8006
-    proxmox_token_id: str = ""  # user@realm!tokenid
-    proxmox_token_secret: str = ""
-    proxmox_node: str = ""
-    proxmox_verify_ssl: bool = True
-    proxmox_ca_bundle: str = ""  # PEM file trusted instead of the system store
-    proxmox_template: str = ""
-    proxmox_storage: str = "local-lvm"
-    proxmox_bridge: str = "vmbr0"
-    proxmox_pool: str = ""
-    proxmox_swap_mb: int = 512
-    proxmox_timeout: float = 10.0  # one API call
-    proxmox_task_timeout: float = 600.0  # one PVE task (clone, create, start, …)
-    proxmox_agent_port: int = 18888
-    proxmox_ide_port: int = 8080
+    proxmox_url: str = setting("", "PROXMOX_URL", "`https://pve.example:8006`")
+    proxmox_token_id: str = setting("", "PROXMOX_TOKEN_ID", "`user@realm!tokenid`")
+    proxmox_token_secret: str = setting("", "PROXMOX_TOKEN_SECRET", "API token secret")
+    proxmox_node: str = setting("", "PROXMOX_NODE", "node containers are created on")
+    proxmox_verify_ssl: bool = setting(True, "PROXMOX_VERIFY_SSL", "verify PVE's certificate")
+    proxmox_ca_bundle: str = setting("", "PROXMOX_CA_BUNDLE", "PEM file trusted instead of the system store")
+    proxmox_template: str = setting("", "PROXMOX_TEMPLATE", "VMID to clone or an ostemplate volume")
+    proxmox_storage: str = setting("local-lvm", "PROXMOX_STORAGE", "storage of new root disks")
+    proxmox_bridge: str = setting("vmbr0", "PROXMOX_BRIDGE", "network bridge of new containers")
+    proxmox_pool: str = setting("", "PROXMOX_POOL", "resource pool of new containers")
+    proxmox_swap_mb: int = setting(512, "PROXMOX_SWAP_MB", "swap of new containers (MB)")
+    proxmox_timeout: float = setting(10.0, "PROXMOX_TIMEOUT", "seconds one PVE API call may take")
+    proxmox_task_timeout: float = setting(600.0, "PROXMOX_TASK_TIMEOUT", "seconds one PVE task may take")
+    proxmox_agent_port: int = setting(18888, "PROXMOX_AGENT_PORT", "agent port inside a container")
+    proxmox_ide_port: int = setting(8080, "PROXMOX_IDE_PORT", "code-server port inside a dev container")
     # Edge publishing: all empty means the embedded default, which publishes nothing external.
-    pdns_api_url: str = ""  # http://127.0.0.1:8081
-    pdns_api_key: str = ""
-    pdns_server_id: str = "localhost"
-    pdns_zone: str = ""  # games.example.com
-    public_domain: str = ""  # game host names live under this (defaults to the zone)
-    edge_public_ip: str = ""  # what game and IDE host names resolve to
-    dns_ttl: int = 60
-    velocity_config: str = ""  # path of velocity.toml whose [servers] and [forced-hosts] we render
-    velocity_reload_command: str = ""  # run after each render (shell words), e.g. an RCON "velocity reload"
-    velocity_reload_url: str = ""  # or POSTed to after each render
-    prometheus_sd_token: str = ""  # bearer for the http_sd endpoint; empty disables it
-    agent_metrics_path: str = "/metrics"
-    edge_retry_base: float = 2.0  # outbox backoff: base * 2**attempts, capped
-    edge_retry_max: float = 300.0
-    edge_call_timeout: float = 10.0
+    pdns_api_url: str = setting("", "PDNS_API_URL", "PowerDNS HTTP API, `http://127.0.0.1:8081`")
+    pdns_api_key: str = setting("", "PDNS_API_KEY", "PowerDNS API key")
+    pdns_server_id: str = setting("localhost", "PDNS_SERVER_ID", "PowerDNS server id")
+    pdns_zone: str = setting("", "PDNS_ZONE", "zone records are published in, `games.example.com`")
+    public_domain: str = setting("", "PUBLIC_DOMAIN", "game host names live under this (default: the zone)")
+    edge_public_ip: str = setting("", "EDGE_PUBLIC_IP", "what game and IDE host names resolve to")
+    dns_ttl: int = setting(60, "DNS_TTL", "TTL of published records")
+    velocity_config: str = setting("", "VELOCITY_CONFIG", "velocity.toml whose [servers]/[forced-hosts] we render")
+    velocity_reload_command: str = setting("", "VELOCITY_RELOAD_COMMAND", "run after each render (shell words)")
+    velocity_reload_url: str = setting("", "VELOCITY_RELOAD_URL", "or POSTed to after each render")
+    prometheus_sd_token: str = setting("", "PROMETHEUS_SD_TOKEN", "bearer of the http_sd endpoint; empty disables")
+    agent_metrics_path: str = setting("/metrics", "AGENT_METRICS_PATH", "agents' metrics path published to SD")
+    edge_retry_base: float = setting(2.0, "EDGE_RETRY_BASE", "outbox backoff: base * 2**attempts seconds")
+    edge_retry_max: float = setting(300.0, "EDGE_RETRY_MAX", "outbox backoff cap, seconds")
+    edge_call_timeout: float = setting(10.0, "EDGE_CALL_TIMEOUT", "seconds one DNS/Velocity call may take")
     # Job backend (control/jobs/): a lease lapses this long after the holding runner's last call;
     # a lapsed job is re-queued while attempts < max attempts (per pipeline, default below), else failed.
-    job_lease_ttl: float = 30.0
-    job_max_attempts: int = 2
-    job_reap_interval: float = 2.0
-    runner_offline_after: float = 60.0
-    artifact_max_bytes: int = 2 * 1024**3
-    source_timeout: float = 15.0
-    # Where project repositories and vault connections may point besides public hosts: CIDRs (for
-    # private forges; http:// is accepted only there) and/or "local" (paths, file://). Tests use it.
-    jobs_allowed_sources: list[str] = field(default_factory=list)
-    update_feed_dir: Path | None = None  # release feed for update check/apply; default data_dir/release-feed
-    ready_timeout: float = 120.0
-    local_agent_args: list[str] = field(default_factory=list)
-    local_stop_agents_on_exit: bool = False
-    console_limits: ConsoleLimits = field(default_factory=ConsoleLimits)
+    job_lease_ttl: float = setting(30.0, "ZLH_JOB_LEASE_TTL", "seconds a job lease lasts after the runner's call")
+    job_max_attempts: int = setting(2, "ZLH_JOB_MAX_ATTEMPTS", "attempts of a job whose lease lapsed")
+    job_reap_interval: float = setting(2.0, "ZLH_JOB_REAP_INTERVAL", "seconds between lapsed-lease checks")
+    runner_offline_after: float = setting(60.0, "ZLH_RUNNER_OFFLINE_AFTER", "seconds without a heartbeat")
+    artifact_max_bytes: int = setting(2 * 1024**3, "ZLH_ARTIFACT_MAX_BYTES", "largest job artifact")
+    jobs_allowed_sources: CommaList = setting(
+        env="ZLH_JOBS_ALLOWED_SOURCES", default_factory=list,
+        doc="job backend: CIDRs (private forges; plain `http://` only there) and/or `local` (paths, `file://`) a "
+            "project repository or vault connection may point at besides public https/ssh hosts")
+    source_timeout: float = setting(15.0, "ZLH_SOURCE_TIMEOUT", "seconds a project source fetch may take")
+    update_feed_dir: Path | None = setting(None, "ZLH_UPDATE_FEED", "release feed for update check/apply "
+                                           "(default `<data>/release-feed`)")
+    ready_timeout: float = setting(120.0, "ZLH_READY_TIMEOUT", "seconds a provisioning waits for readiness")
+    local_agent_args: Argv = setting(env="ZLH_LOCAL_AGENT_ARGS", doc="local provider: extra arguments of every "
+                                     "agent (shell words)", default_factory=list)
+    local_ide_command: str = setting(
+        "", "ZLH_LOCAL_IDE_COMMAND", "local provider: the IDE a dev container runs, a command template with "
+        "`{port}` and `{data}` (e.g. `make code-server` prints one for code-server); empty: the built-in "
+        "stand-in")
+    local_stop_agents_on_exit: bool = setting(
+        True, "ZLH_LOCAL_STOP_AGENTS_ON_EXIT", "local provider: stop agents on a clean shutdown (they are "
+        "restarted on the next start); 0 keeps them running to show re-adoption")
+    console_limits: JsonConsoleLimits = setting(env="ZLH_CONSOLE_LIMITS", doc="console limits as a JSON object "
+                                                "(fields of gateway.console.ConsoleLimits)",
+                                                default_factory=ConsoleLimits)
+    console_commands_per_second: float | None = setting(
+        None, "ZLH_CONSOLE_COMMANDS_PER_SECOND", "console commands per second per connection (burst 4x)")
     # Scale-out (control/cluster.py): several replicas on one PostgreSQL. "auto" partitions the poller
     # and elects a fleet leader on PostgreSQL; SQLite (one process) owns everything, as does "off".
-    cluster: str = "auto"
-    replica_id: str = ""  # default: host-pid-random, new each start
-    cluster_heartbeat: float = 1.0  # seconds between heartbeats (lease renewals)
-    cluster_takeover_bound: float = 10.0  # a dead replica's agents and operations are taken over within this
-    cluster_slots: int = 128  # agent partitions (instance id modulo this); the same on every replica
+    cluster: str = setting("auto", "ZLH_CLUSTER", "`auto` (on with PostgreSQL), `on` or `off`")
+    replica_id: str = setting("", "ZLH_REPLICA_ID", "this replica's name (default: host-pid-random)")
+    cluster_heartbeat: float = setting(1.0, "ZLH_CLUSTER_HEARTBEAT", "seconds between lease renewals")
+    cluster_takeover_bound: float = setting(10.0, "ZLH_CLUSTER_TAKEOVER_BOUND",
+                                            "a dead replica's agents and operations are taken over within this")
+    cluster_slots: int = setting(128, "ZLH_CLUSTER_SLOTS", "agent partitions; the same on every replica")
     # Billing (control/billing/): empty STRIPE_SECRET_KEY means billing is not configured.
-    stripe_secret_key: str = ""
-    stripe_webhook_secret: str = ""
-    stripe_api_base: str = ""  # empty: Stripe itself
-    stripe_timeout: float = 10.0
-    stripe_webhook_tolerance: int = 300  # seconds a signed webhook stays acceptable
-    billing_grace_period: int = 7 * 24 * 3600  # after a failed payment, before the plan lapses
-    billing_renewal_notice: int = 3 * 24 * 3600  # how long before a renewal / period end to remind
-    billing_interval: float = 300.0  # scheduler: seconds between reconcile + reminder rounds
-    billing_return_url: str = ""  # where Checkout and the portal send the user back (default PUBLIC_URL/billing)
+    stripe_secret_key: str = setting("", "STRIPE_SECRET_KEY", "empty: billing not configured")
+    stripe_webhook_secret: str = setting("", "STRIPE_WEBHOOK_SECRET", "verifies POST /api/billing/webhook")
+    stripe_api_base: str = setting("", "STRIPE_API_BASE", "empty: Stripe itself")
+    stripe_timeout: float = setting(10.0, "STRIPE_TIMEOUT", "seconds one Stripe call may take")
+    stripe_webhook_tolerance: int = setting(300, "STRIPE_WEBHOOK_TOLERANCE", "seconds a signed webhook is valid")
+    billing_grace_period: int = setting(7 * 24 * 3600, "BILLING_GRACE_PERIOD",
+                                        "seconds after a failed payment before the plan lapses")
+    billing_renewal_notice: int = setting(3 * 24 * 3600, "BILLING_RENEWAL_NOTICE",
+                                          "seconds before a renewal / period end to remind")
+    billing_interval: float = setting(300.0, "BILLING_INTERVAL", "seconds between reconcile + reminder rounds")
+    billing_return_url: str = setting("", "BILLING_RETURN_URL", "where Checkout sends the user back "
+                                      "(default PUBLIC_URL/billing)")
 
-    def __repr__(self) -> str:
-        shown = {f.name: ("[redacted]" if f.name in _SECRET_FIELDS else getattr(self, f.name)) for f in fields(self)}
-        return f"Settings({shown})"
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, ("[redacted]" if name in _SECRET_FIELDS else value)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from `env` (default os.environ) with `overrides` by field name (tests)."""
         env = dict(os.environ if env is None else env)
-        s = cls()
-        s.data_dir = Path(env.get("ZLH_DATA_DIR", str(s.data_dir)))
-        s.database_url = env.get("DATABASE_URL", "")
-        s.jwt_secret = env.get("JWT_SECRET", "")
-        s.public_url = env.get("PUBLIC_URL", "")
-        s.ide_domain = env.get("IDE_DOMAIN", s.ide_domain)
-        s.dev_ide_return_hosted_url = _flag(env.get("DEV_IDE_RETURN_HOSTED_URL"))
-        if "IDE_COOKIE_SECURE" in env:
-            s.ide_cookie_secure = _flag(env["IDE_COOKIE_SECURE"])
-        if env.get("IDE_SESSION_TTL"):
-            s.ide_session_ttl = int(env["IDE_SESSION_TTL"])
-        for key, attr in (("ENVIRONMENT_IDLE_TIMEOUT", "environment_idle_timeout"),
-                          ("ENVIRONMENT_IDLE_CHECK_INTERVAL", "environment_idle_check_interval"),
-                          ("ENVIRONMENT_ACTION_WAIT", "environment_action_wait")):
-            if env.get(key):
-                setattr(s, attr, float(env[key]))
-        s.provider = env.get("ZLH_PROVIDER", s.provider)
-        s.poll_interval = float(env.get("ZLH_POLL_INTERVAL", s.poll_interval))
-        s.hypercorn_config = Path(env.get("ZLH_HYPERCORN_CONFIG", str(s.hypercorn_config)))
-        if env.get("ZLH_BIND"):
-            s.bind = [b.strip() for b in env["ZLH_BIND"].split(",") if b.strip()]
-        s.log_level = env.get("ZLH_LOG_LEVEL", s.log_level)
-        s.stripe_secret_key = env.get("STRIPE_SECRET_KEY", "")
-        s.stripe_webhook_secret = env.get("STRIPE_WEBHOOK_SECRET", "")
-        s.stripe_api_base = env.get("STRIPE_API_BASE", "")
-        s.billing_return_url = env.get("BILLING_RETURN_URL", "")
-        for key, attr in (("BILLING_GRACE_PERIOD", "billing_grace_period"),
-                          ("BILLING_RENEWAL_NOTICE", "billing_renewal_notice")):
-            if env.get(key):
-                setattr(s, attr, int(env[key]))
-        if env.get("BILLING_INTERVAL"):
-            s.billing_interval = float(env["BILLING_INTERVAL"])
+        by_env = {f.alias: name for name, f in cls.model_fields.items() if f.alias}
+        values: dict[str, Any] = {by_env[key]: value for key, value in env.items() if key in by_env and value != ""}
+        from_environment = set(values)
+        unknown = set(overrides) - set(cls.model_fields)
+        if unknown:
+            raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+        values.update(overrides)
+        try:
+            s = cls.model_validate(values, by_name=True)
+        except ValidationError as exc:
+            problems = []
+            for error in exc.errors():
+                name = str(error["loc"][0]) if error["loc"] else "?"
+                where = cls.model_fields[name].alias if name in from_environment else name
+                problems.append(f"{where}: {error['msg']} (got {_shown(name, error.get('input'))})")
+            raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
         for plan in s.plans:  # STRIPE_PRICE_PRO=price_… sets the Stripe price of plan "pro"
             price = env.get(f"STRIPE_PRICE_{plan['name'].upper()}")
             if price:
                 plan["stripe_price_id"] = price
-        s.demo_servers = _flag(env.get("ZLH_DEMO"))
-        if env.get("ZLH_CONSOLE_COMMANDS_PER_SECOND"):
-            rate = float(env["ZLH_CONSOLE_COMMANDS_PER_SECOND"])
-            s.console_limits = ConsoleLimits(commands_per_second=rate, command_burst=max(1, int(rate * 4)))
-        if env.get("ZLH_SCRYPT_N"):
-            s.scrypt_n = int(env["ZLH_SCRYPT_N"])
-        s.job_lease_ttl = float(env.get("ZLH_JOB_LEASE_TTL", s.job_lease_ttl))
-        s.job_max_attempts = int(env.get("ZLH_JOB_MAX_ATTEMPTS", s.job_max_attempts))
-        s.artifact_max_bytes = int(env.get("ZLH_ARTIFACT_MAX_BYTES", s.artifact_max_bytes))
-        s.jobs_allowed_sources = [e.strip() for e in env.get("ZLH_JOBS_ALLOWED_SOURCES", "").split(",") if e.strip()]
-        for entry in s.jobs_allowed_sources:  # a typo must stop start-up, not silently allow nothing
-            if entry != "local":
-                ipaddress.ip_network(entry, strict=False)
-        if env.get("ZLH_UPDATE_FEED"):
-            s.update_feed_dir = Path(env["ZLH_UPDATE_FEED"])
-        _edge_from_env(s, env)
-        s.cluster = env.get("ZLH_CLUSTER", s.cluster)
-        s.replica_id = env.get("ZLH_REPLICA_ID", s.replica_id)
-        s.cluster_heartbeat = float(env.get("ZLH_CLUSTER_HEARTBEAT", s.cluster_heartbeat))
-        s.cluster_takeover_bound = float(env.get("ZLH_CLUSTER_TAKEOVER_BOUND", s.cluster_takeover_bound))
-        s.cluster_slots = int(env.get("ZLH_CLUSTER_SLOTS", s.cluster_slots))
-        for key, value in overrides.items():
-            setattr(s, key, value)
         s.finish()
         return s
 
@@ -210,9 +286,15 @@ class Settings:
         if len(self.jwt_secret.encode()) < 32:
             raise ConfigError("JWT_SECRET must be at least 32 bytes")
         if self.scrypt_n < 2 or self.scrypt_n & (self.scrypt_n - 1):
-            raise ConfigError("scrypt N must be a power of two")
+            raise ConfigError("ZLH_SCRYPT_N must be a power of two")
+        if self.console_commands_per_second is not None:
+            rate = self.console_commands_per_second
+            self.console_limits = ConsoleLimits(**{**self.console_limits.__dict__, "commands_per_second": rate,
+                                                   "command_burst": max(1, int(rate * 4))})
         if not self.replica_id:
             self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        if self.provider not in ("local", "proxmox"):
+            raise ConfigError("ZLH_PROVIDER must be local or proxmox")
         if self.cluster not in ("auto", "on", "off"):
             raise ConfigError("ZLH_CLUSTER must be auto, on or off")
         if self.cluster_slots < 1:
@@ -220,6 +302,14 @@ class Settings:
         if self.cluster_lease_ttl < 3 * self.cluster_heartbeat:
             raise ConfigError("ZLH_CLUSTER_TAKEOVER_BOUND is too small for the heartbeat and poll catch-up "
                               f"(lease TTL {self.cluster_lease_ttl:.1f}s < 3 heartbeats)")
+        for entry in self.jobs_allowed_sources:  # a typo must stop start-up, not silently allow nothing
+            if entry != "local":
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ConfigError(f"ZLH_JOBS_ALLOWED_SOURCES: {entry!r} is neither a CIDR nor `local`") from None
+        if self.local_ide_command and "{port}" not in self.local_ide_command:
+            raise ConfigError("ZLH_LOCAL_IDE_COMMAND must contain {port} (the IDE port the agent assigns)")
 
     @property
     def cluster_lease_ttl(self) -> float:
@@ -234,28 +324,93 @@ class Settings:
             return self.ide_cookie_secure
         return self.public_url.startswith("https://")
 
+    def hypercorn_path(self) -> Path:
+        """Which hypercorn.toml: the explicit path, else the config dir's, else the packaged one. A file
+        that was named but is missing is an error, never a silent fall-back to Hypercorn's defaults."""
+        if self.hypercorn_config is not None:
+            path, why = Path(self.hypercorn_config), "ZLH_HYPERCORN_CONFIG"
+        elif self.config_dir is not None:
+            path, why = Path(self.config_dir) / "hypercorn.toml", "ZLH_CONFIG_DIR"
+        else:
+            path, why = PACKAGED_HYPERCORN_TOML, "the default (next to the packages)"
+        if not path.is_file():
+            raise ConfigError(f"hypercorn.toml not found at {path} ({why}); set ZLH_HYPERCORN_CONFIG to a file "
+                              "or ZLH_CONFIG_DIR to a directory holding hypercorn.toml")
+        return path
 
-def _edge_from_env(s: Settings, env: dict[str, str]) -> None:
-    """Proxmox and edge-publishing settings: the env name is the field name upper-cased."""
-    for name in ("proxmox_url", "proxmox_token_id", "proxmox_token_secret", "proxmox_node", "proxmox_ca_bundle",
-                 "proxmox_template", "proxmox_storage", "proxmox_bridge", "proxmox_pool", "pdns_api_url",
-                 "pdns_api_key", "pdns_server_id", "pdns_zone", "public_domain", "edge_public_ip",
-                 "velocity_config", "velocity_reload_command", "velocity_reload_url", "prometheus_sd_token"):
-        if name.upper() in env:
-            setattr(s, name, env[name.upper()])
-    for name in ("proxmox_swap_mb", "proxmox_agent_port", "proxmox_ide_port", "dns_ttl"):
-        if name.upper() in env:
-            setattr(s, name, int(env[name.upper()]))
-    for name in ("proxmox_timeout", "proxmox_task_timeout", "edge_retry_base", "edge_retry_max",
-                 "edge_call_timeout"):
-        if name.upper() in env:
-            setattr(s, name, float(env[name.upper()]))
-    if "PROXMOX_VERIFY_SSL" in env:
-        s.proxmox_verify_ssl = _flag(env["PROXMOX_VERIFY_SSL"])
+    def server_options(self) -> dict[str, Any]:
+        """hypercorn.toml, checked: only the keys the front server honours, binds overridden by
+        ZLH_BIND / the command line."""
+        path = self.hypercorn_path()
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        tls = sorted(TLS_SERVER_KEYS & set(data))
+        if tls:
+            raise ConfigError(f"{path}: {', '.join(tls)}: TLS belongs to the load balancer in front of the gateway "
+                              "(the front server does direct descriptor I/O and zero-copy splicing, which TLS "
+                              f"cannot go through). Terminate TLS there, e.g. with {NGINX_FRONT}, and remove "
+                              "these keys.")
+        unknown = sorted(set(data) - set(HONOURED_SERVER_KEYS) - set(IGNORED_SERVER_KEYS))
+        if unknown:
+            raise ConfigError(f"{path}: {', '.join(unknown)} not honoured by the gateway's front server "
+                              f"(honoured: {', '.join(HONOURED_SERVER_KEYS)}; see docs/configuration.md)")
+        for key in sorted(set(IGNORED_SERVER_KEYS) & set(data)):
+            if data[key]:
+                log.warning("hypercorn.toml %s is ignored: %s", key, IGNORED_SERVER_KEYS[key])
+            del data[key]
+        if isinstance(data.get("bind"), str):
+            data["bind"] = [data["bind"]]
+        if self.bind:
+            data["bind"] = list(self.bind)
+        if not data.get("bind"):
+            raise ConfigError(f"{path}: no bind address (set bind, ZLH_BIND or --port)")
+        return data
 
 
-def _flag(value: str | None) -> bool:
-    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+def bind_for(host: str | None, port: int | None, configured: list[str]) -> list[str]:
+    """The binds `run --host/--port` ask for: a port alone keeps loopback, a host alone keeps the
+    configured port(s)."""
+    if port is not None:
+        return [f"{_bracket(host or '127.0.0.1')}:{port}"]
+    if host is not None:
+        return [f"{_bracket(host)}:{bind.rsplit(':', 1)[1]}" for bind in configured]
+    return configured
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _shown(name: str, value: Any) -> str:
+    return "[redacted]" if name in _SECRET_FIELDS else repr(value)
+
+
+def configuration_reference() -> str:
+    """docs/configuration.md: every setting, generated from the Settings fields."""
+    lines = ["# Configuration reference", "",
+             "Generated by `python -m control config-reference` from `control/config.py`; do not edit by hand.",
+             "Every setting is read once at start from the environment. A bad value stops the start with an",
+             "error naming the variable. Lists take a JSON array or comma-separated values (agent arguments:",
+             "shell words); objects take JSON.", "",
+             "## Environment", "", "| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
+        shown = "" if default in ("", None, []) else f"`{json.dumps(to_jsonable_python(default))}`"
+        if name == "plans":
+            shown = "free, pro (`DEFAULT_PLANS`)"
+        lines.append(f"| `{field.alias}` | {shown} | {field.description} |")
+    lines += ["| `STRIPE_PRICE_<PLAN>` | | Stripe price id of plan `<PLAN>` (e.g. `STRIPE_PRICE_PRO`) |", "",
+              "## hypercorn.toml", "",
+              "Found at `ZLH_HYPERCORN_CONFIG`, else `$ZLH_CONFIG_DIR/hypercorn.toml`, else the file shipped next",
+              "to the packages; a named file that is missing is an error. Any key not listed here is refused at",
+              "start. TLS keys (" + ", ".join(f"`{k}`" for k in sorted(TLS_SERVER_KEYS)) + ") are refused:",
+              f"TLS belongs to the load balancer (`{NGINX_FRONT}`).", "",
+              "| key | honoured | meaning |", "|---|---|---|"]
+    lines += [f"| `{key}` | yes | {doc} |" for key, doc in HONOURED_SERVER_KEYS.items()]
+    lines += [f"| `{key}` | ignored | {doc} |" for key, doc in IGNORED_SERVER_KEYS.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _persistent_secret(path: Path) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 from quart import Response
 
 from gateway.errors import ApiError
+from storage import fleet
 
 from .api import Ctx, json_response
 
@@ -62,8 +63,27 @@ async def ready(ctx: Ctx) -> Response:
     return json_response(body, 200 if body["ready"] else 503)
 
 
+def watch_live_state(services: Any) -> None:
+    """The /metrics gauges that are views of this process's live state, read at each scrape."""
+    m = services.metrics
+    m.watch(m.agents_late, services.poller.agents_late)
+    m.watch(m.agents_unreachable, services.poller.agents_unreachable)
+    m.watch(m.agents_polled_here, services.poller.agents_known)
+    m.watch(m.ide_websockets, lambda: services.ide.proxy.open_websockets)
+    membership = services.cluster
+    if membership is not None:  # one process (SQLite) holds no leases: it owns everything
+        m.watch(m.slots_held, membership.slots_held)
+        m.watch(m.cluster_leader, lambda: float(membership.is_leader()))
+    else:
+        m.watch(m.cluster_leader, lambda: 1.0)
+
+
 async def metrics(ctx: Ctx) -> Response:
-    return Response(ctx.services.metrics.render(), content_type=ctx.services.metrics.content_type)
+    m = ctx.services.metrics
+    backlog = await ctx.services.store.read(fleet.outbox_backlog)  # shared state: read from the database
+    m.outbox_pending.set(backlog["pending"])
+    m.outbox_failing.set(backlog["failing"])
+    return Response(m.render(), content_type=m.content_type)
 
 
 async def openapi(ctx: Ctx) -> Response:

@@ -45,8 +45,9 @@ class FileStreams:
         keep = UPLOAD_HEADERS if upload else DOWNLOAD_HEADERS
         headers = [*request_headers(exchange.request.headers, keep=keep),
                    (b"authorization", f"Bearer {grant.agent.secret}".encode())]
-        await relay(exchange, self.pool, grant.agent.host, grant.agent.port, method, target, headers,
-                    send_body=upload, upload_limit=grant.upload_limit if upload else None, metrics=self.metrics)
+        with self.metrics.open_streams.labels("upload" if upload else "download").track_inprogress():
+            await relay(exchange, self.pool, grant.agent.host, grant.agent.port, method, target, headers,
+                        send_body=upload, upload_limit=grant.upload_limit if upload else None, metrics=self.metrics)
 
     async def download(self, exchange: Exchange, params: dict[str, str]) -> None:
         await self._forward(exchange, params, "GET", "/files/download" + _query(exchange.request), upload=False)

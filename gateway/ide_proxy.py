@@ -343,6 +343,10 @@ class IdeProxy:
             finally:
                 del self._websockets[scope]
 
+    @property
+    def open_websockets(self) -> int:
+        return len(self._websockets)
+
     def revoke(self, revocation: IdeRevocation) -> int:
         """Cut every websocket this replica holds whose grant `revocation` matches; how many."""
         cut = [scope for scope, grant in self._websockets.items() if revocation.matches(grant)]

