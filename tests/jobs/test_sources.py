@@ -158,14 +158,14 @@ async def test_git_failures_use_fixed_words(tmp_path: Path) -> None:
 
 
 def test_allowed_sources_come_from_the_environment_and_a_typo_stops_start_up(tmp_path: Path) -> None:
-    from control.config import Settings
+    from control.config import ConfigError, Settings
 
     def load(value: str) -> Settings:
         return Settings.from_env(env={"ZLH_JOBS_ALLOWED_SOURCES": value}, data_dir=tmp_path, jwt_secret="k" * 40)
 
     assert load("10.0.0.0/8, local ,fd00::/8").jobs_allowed_sources == ["10.0.0.0/8", "local", "fd00::/8"]
     assert load("").jobs_allowed_sources == []
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="ZLH_JOBS_ALLOWED_SOURCES"):
         load("10.0.0.0/33")
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="ZLH_JOBS_ALLOWED_SOURCES"):
         load("localhost")
