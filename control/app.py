@@ -11,6 +11,7 @@ import re
 import tomllib
 from collections.abc import Callable
 from datetime import UTC
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -297,9 +298,9 @@ def open_store(settings: Settings) -> Store:
 
 
 async def prepare_storage(settings: Settings, store: Store) -> None:
-    """Migrate and load the configured plans: what `make run` and tests do before serving."""
-    await trio.to_thread.run_sync(migrate, store.db)
-    await store.run(users.ensure_plans, settings.plans)
+    """Migrate and load the configured plans: what `make run` and tests do before serving. The plans
+    are seeded under the migrations' lock (replicas may start at the same instant)."""
+    await trio.to_thread.run_sync(partial(migrate, store.db, partial(users.ensure_plans, settings.plans)))
 
 
 async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,

@@ -113,7 +113,10 @@ class Settings:
     # and elects a fleet leader on PostgreSQL; SQLite (one process) owns everything, as does "off".
     cluster: str = "auto"
     replica_id: str = ""  # default: host-pid-random, new each start
-    cluster_heartbeat: float = 1.0  # seconds between heartbeats (lease renewals)
+    cluster_heartbeat: float = 0.5  # seconds between heartbeats (lease renewals)
+    # How long a slot or leader lease lasts after its last renewal: a killed replica's agents are polled
+    # again this long after its last heartbeat plus the poller's 1 s catch-up (README: measured figures).
+    cluster_lease_ttl: float = 3.0
     cluster_takeover_bound: float = 10.0  # a dead replica's agents and operations are taken over within this
     cluster_slots: int = 128  # agent partitions (instance id modulo this); the same on every replica
     # Billing (control/billing/): empty STRIPE_SECRET_KEY means billing is not configured.
@@ -185,6 +188,7 @@ class Settings:
         s.cluster = env.get("ZLH_CLUSTER", s.cluster)
         s.replica_id = env.get("ZLH_REPLICA_ID", s.replica_id)
         s.cluster_heartbeat = float(env.get("ZLH_CLUSTER_HEARTBEAT", s.cluster_heartbeat))
+        s.cluster_lease_ttl = float(env.get("ZLH_CLUSTER_LEASE_TTL", s.cluster_lease_ttl))
         s.cluster_takeover_bound = float(env.get("ZLH_CLUSTER_TAKEOVER_BOUND", s.cluster_takeover_bound))
         s.cluster_slots = int(env.get("ZLH_CLUSTER_SLOTS", s.cluster_slots))
         for key, value in overrides.items():
@@ -210,15 +214,12 @@ class Settings:
         if self.cluster_slots < 1:
             raise ConfigError("ZLH_CLUSTER_SLOTS must be at least 1")
         if self.cluster_lease_ttl < 3 * self.cluster_heartbeat:
-            raise ConfigError("ZLH_CLUSTER_TAKEOVER_BOUND is too small for the heartbeat and poll catch-up "
-                              f"(lease TTL {self.cluster_lease_ttl:.1f}s < 3 heartbeats)")
-
-    @property
-    def cluster_lease_ttl(self) -> float:
-        """How long a slot or leader lease lasts after its last renewal. A dead replica's slot is
-        claimed at most one heartbeat after it lapses and its agents are polled within the poller's
-        catch-up spread (1 s), so TTL = bound - 2 heartbeats - 1 s (catch-up) - 1 s (slack)."""
-        return self.cluster_takeover_bound - 2 * self.cluster_heartbeat - 2.0
+            raise ConfigError(f"ZLH_CLUSTER_LEASE_TTL ({self.cluster_lease_ttl:.1f}s) must last at least 3 heartbeats "
+                              f"({self.cluster_heartbeat:.1f}s each)")
+        if self.cluster_lease_ttl + self.cluster_heartbeat + 2.0 > self.cluster_takeover_bound:
+            raise ConfigError("ZLH_CLUSTER_TAKEOVER_BOUND is too small: a lapsed lease is claimed within a heartbeat "
+                              "and its agents are polled within the 1 s catch-up (+1 s slack), so the bound must be "
+                              f"at least {self.cluster_lease_ttl + self.cluster_heartbeat + 2.0:.1f}s")
 
     @property
     def ide_cookie_is_secure(self) -> bool:
