@@ -47,14 +47,14 @@ async def test_three_replicas_claiming_at_once_never_deadlock_and_split_fairly_i
 
             barrier = threading.Barrier(len(SURVIVORS), timeout=10)
 
-            def together(name: str) -> store_cluster.ClusterView:
+            def together(name: str, barrier: threading.Barrier = barrier) -> store_cluster.ClusterView:
                 store_cluster.database_now()  # the transaction has begun
                 barrier.wait()
                 return store_cluster.heartbeat(name, None, ttl=TTL, slot_count=SLOTS)
 
             views: dict[str, store_cluster.ClusterView] = {}
 
-            async def one(name: str) -> None:
+            async def one(name: str, views: dict[str, store_cluster.ClusterView] = views) -> None:
                 views[name] = await store.run(together, name)
 
             async with trio.open_nursery() as nursery:

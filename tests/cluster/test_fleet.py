@@ -125,8 +125,7 @@ async def test_agents_polled_once_across_replicas_taken_over_on_kill_and_shared_
                 first_poll.setdefault(poll.agent, poll.at - killed_at)
         print(f"\ntakeover after kill -9: all {len(orphaned)} agents re-polled within {takeover:.2f}s "
               f"(first {min(first_poll.values()):.2f}s, last {max(first_poll.values()):.2f}s)")
-        assert takeover < 10.0
-        assert takeover < TAKEOVER_BOUND + POLL_INTERVAL
+        assert takeover <= TAKEOVER_BOUND  # default cluster settings: half the documented 10 s bound
 
         async def one_leader_among_survivors() -> bool:
             return len(await fleet_work_holders(http, survivors)) == 1
