@@ -31,6 +31,7 @@ from gateway.metrics import Metrics
 from gateway.poller import Poller
 from gateway.server import FrontServer, Request
 from gateway.upstream import UpstreamPool
+from storage import instances as store_instances
 from storage import users
 from storage.clock import utcnow
 from storage.db import Store, connect_database
@@ -257,7 +258,8 @@ def data_plane_router(services: Services) -> Callable[[Request], Any]:
 def build_provider(settings: Settings, store: Store) -> Provider:
     if settings.provider == "local":
         return LocalProvider(settings.data_dir, agent_args=settings.local_agent_args,
-                             stop_agents_on_exit=settings.local_stop_agents_on_exit)
+                             stop_agents_on_exit=settings.local_stop_agents_on_exit,
+                             recorded=partial(store.read, store_instances.provider_refs, LocalProvider.name))
     if settings.provider == "proxmox":
         return ProxmoxProvider(settings, store)
     raise ValueError(f"unknown provider {settings.provider!r}")
