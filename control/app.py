@@ -361,7 +361,9 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
                 await lifespan.wait_for_startup()
                 for service in background_services(services):
                     await nursery.start(service)
-                if settings.demo_servers:
+                # The demo is a check-then-create: with several replicas only the fleet leader (known
+                # since the first heartbeat above) makes it, so replicas started together make one.
+                if settings.demo_servers and (services.cluster is None or services.cluster.is_leader()):
                     await ensure_demo(services)
                 front = FrontServer(data_plane_router(services), asgi_handler(logged_app), config, metrics)
                 async with trio.open_nursery() as server:
