@@ -57,6 +57,7 @@ async def fleet_work_holders(http: httpx.AsyncClient, urls: dict[str, str]) -> l
 async def test_agents_polled_once_across_replicas_taken_over_on_kill_and_shared_with_a_new_one(
         pg_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     url = pg_cluster.fresh_database()
+    log_offset = pg_cluster.log_size()
     async with cluster(url, tmp_path) as fleet_of, httpx.AsyncClient(timeout=10) as http, \
             trio.open_nursery() as nursery:
         fleet = RecordingFleet(AGENTS, fleet_of)
@@ -179,3 +180,5 @@ async def test_agents_polled_once_across_replicas_taken_over_on_kill_and_shared_
         assert second <= TAKEOVER_BOUND
         assert not flaps, flaps[:5]
         nursery.cancel_scope.cancel()
+    logged = pg_cluster.log_since(log_offset)  # survivors claimed the dead one's slots at once, twice
+    assert "deadlock detected" not in logged, logged

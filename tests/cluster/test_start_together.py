@@ -1,7 +1,8 @@
 """Replicas started at the same instant on an empty database, as an orchestrator starts them: every
 one migrates-or-waits and seeds the plans under the migrations' advisory lock, so none crashes (it
-used to: `duplicate key … "plan_pkey"` from a check-then-insert outside the lock). Ten fresh
-databases, three real replica processes each, each with its own data directory."""
+used to: `duplicate key … "plan_pkey"` from a check-then-insert outside the lock), and their first
+slot claims, all at once from one pool, never deadlock (PostgreSQL's log). Ten fresh databases, three
+real replica processes each, each with its own data directory."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def plan_names() -> list[str]:
 
 async def test_three_replicas_started_together_on_an_empty_database_all_serve(
         pg_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    log_offset = pg_cluster.log_size()
     async with httpx.AsyncClient(timeout=10) as http:
         for run in range(RUNS):
             url = pg_cluster.empty_database()
@@ -46,3 +48,6 @@ async def test_three_replicas_started_together_on_an_empty_database_all_serve(
                     for replica in started:
                         await replica.child.process.wait()
             assert await storage(url, plan_names) == sorted(p["name"] for p in DEFAULT_PLANS)
+    # they also claimed their slots from one empty pool at the same instant
+    logged = pg_cluster.log_since(log_offset)
+    assert "deadlock detected" not in logged, logged
