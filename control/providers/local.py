@@ -113,6 +113,7 @@ class LocalProvider:
                 self.root.mkdir(parents=True, exist_ok=True)
                 mine.symlink_to(directory.resolve(), target_is_directory=True)
                 log.info("adopted container %s from %s", vmid, directory)
+            record["running"] = True
             return await self._ensure_running(vmid, record)
 
     async def _ensure_running(self, vmid: int, record: dict[str, Any]) -> Container:
@@ -195,9 +196,33 @@ class LocalProvider:
             if process_alive(pid):
                 _signal(pid, signal.SIGKILL)
 
+    async def _locate(self, vmid: int) -> dict[str, Any] | None:
+        """The record of container `vmid`: this provider's own, or — when another replica made it —
+        the one the database names (linked into this root, as `find` does). Call it under the lock."""
+        record = self._record(vmid)
+        if record is not None or self.recorded is None:
+            return record
+        ref = (await self.recorded()).get(vmid)
+        if not ref:
+            return None
+        directory = Path(ref)
+        try:
+            record = json.loads((directory / "container.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if record.get("vmid") != vmid or directory.name != str(vmid):
+            return None
+        mine = self._dir(vmid)
+        if mine.is_symlink():
+            mine.unlink()
+        self.root.mkdir(parents=True, exist_ok=True)
+        mine.symlink_to(directory.resolve(), target_is_directory=True)
+        log.info("adopted container %s from %s", vmid, directory)
+        return record
+
     async def start(self, vmid: int) -> None:
         async with self._lock(vmid):
-            record = self._record(vmid)
+            record = await self._locate(vmid)
             if record is None:
                 raise ProviderError(f"container {vmid} does not exist")
             record["running"] = True
@@ -205,7 +230,7 @@ class LocalProvider:
 
     async def stop(self, vmid: int) -> None:
         async with self._lock(vmid):
-            record = self._record(vmid)
+            record = await self._locate(vmid)
             if record is None:
                 raise ProviderError(f"container {vmid} does not exist")
             await self._kill(record, self._dir(vmid))
@@ -213,13 +238,15 @@ class LocalProvider:
             self._write_record(vmid, record)
 
     async def status(self, vmid: int) -> str:
-        record = self._record(vmid)
+        async with self._lock(vmid):
+            record = await self._locate(vmid)
         if record is None:
             return "missing"
         return "running" if record.get("pid") and process_alive(record["pid"]) else "stopped"
 
     async def destroy(self, vmid: int) -> None:
         async with self._lock(vmid):
+            await self._locate(vmid)
             await self._remove(vmid)
         self._locks.pop(vmid, None)
 
@@ -246,7 +273,8 @@ class LocalProvider:
         return {int(p.name) for p in self.root.iterdir() if p.name.isdigit()}
 
     async def current(self, vmid: int) -> Container | None:
-        record = self._record(vmid)
+        async with self._lock(vmid):
+            record = await self._locate(vmid)
         return self._container(vmid, record) if record and record.get("port") else None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

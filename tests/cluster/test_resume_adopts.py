@@ -3,7 +3,8 @@ data directory each (as separate machines): the driving replica is killed with S
 it spawned the agent, before it could record the agent's address. The survivor resumes `creating`,
 finds the container the database names and adopts it — one agent, never a second — and when the
 killed replica starts again it neither starts a third nor overwrites the server's agent address from
-its own local record: a file written in between is readable through both replicas."""
+its own local record: a file written in between is readable through both replicas. A third replica,
+which never held the container, deletes it for good: agent and directory."""
 
 from __future__ import annotations
 
@@ -95,6 +96,13 @@ async def test_a_takeover_mid_create_adopts_the_container_and_a_restart_keeps_th
                                           "?path=notes.txt", headers=bearer(session))
                 assert download.status_code == 200, (replica.name, download.text)
                 assert download.content == b"written during the takeover"
+
+            # A replica that never saw the container deletes it: the database names it, so it goes.
+            [r3] = await replicas.start("r3")
+            deleted = await http.delete(f"{r3.url}/api/containers/{vmid}", headers=bearer(session))
+            assert deleted.status_code == 200, deleted.text
+            assert agents_under(tmp_path) == set()
+            assert not record_path.parent.exists()
     finally:
         for pid in agents_under(tmp_path):  # agents outlive their gateway, as containers do
             os.killpg(pid, signal.SIGKILL)
