@@ -106,6 +106,26 @@ class PgCluster:
         self.admin_sql(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
         return self.url(name)
 
+    def empty_database(self) -> str:
+        """A database with nothing in it (not even the schema): what a first start finds."""
+        name = f"e_{next(self._names)}"
+        self.admin_sql(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    @property
+    def log_path(self) -> Path:
+        """The server's log (pg_ctl -l): errors such as "deadlock detected" land here."""
+        return self.dir / "log"
+
+    def log_since(self, offset: int) -> str:
+        """What the server logged after byte `offset` of its log (`log_size()` before the work)."""
+        with open(self.log_path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read().decode(errors="replace")
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size
+
     def postmaster_pid(self) -> int:
         """The postmaster's pid: every other PostgreSQL process of this cluster is its child."""
         return int((self.data_dir / "postmaster.pid").read_text().split()[0])

@@ -10,6 +10,7 @@ import logging
 import re
 from collections.abc import Callable
 from datetime import UTC
+from functools import partial
 from typing import Any
 
 import trio
@@ -28,6 +29,7 @@ from gateway.metrics import Metrics
 from gateway.poller import Poller
 from gateway.server import FrontServer, Request
 from gateway.upstream import UpstreamPool
+from storage import instances as store_instances
 from storage import users
 from storage.clock import utcnow
 from storage.db import Store, connect_database
@@ -255,7 +257,8 @@ def build_provider(settings: Settings, store: Store) -> Provider:
     if settings.provider == "local":
         return LocalProvider(settings.data_dir, agent_args=settings.local_agent_args,
                              stop_agents_on_exit=settings.local_stop_agents_on_exit,
-                             ide_command=settings.local_ide_command)
+                             ide_command=settings.local_ide_command,
+                             recorded=partial(store.read, store_instances.provider_refs, LocalProvider.name))
     if settings.provider == "proxmox":
         return ProxmoxProvider(settings, store)
     raise ValueError(f"unknown provider {settings.provider!r}")
@@ -298,9 +301,9 @@ def open_store(settings: Settings) -> Store:
 
 
 async def prepare_storage(settings: Settings, store: Store) -> None:
-    """Migrate and load the configured plans: what `make run` and tests do before serving."""
-    await trio.to_thread.run_sync(migrate, store.db)
-    await store.run(users.ensure_plans, settings.plans)
+    """Migrate and load the configured plans: what `make run` and tests do before serving. The plans
+    are seeded under the migrations' lock (replicas may start at the same instant)."""
+    await trio.to_thread.run_sync(partial(migrate, store.db, partial(users.ensure_plans, settings.plans)))
 
 
 async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
@@ -360,7 +363,9 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
                 await lifespan.wait_for_startup()
                 for service in background_services(services):
                     await nursery.start(service)
-                if settings.demo_servers:
+                # The demo is a check-then-create: with several replicas only the fleet leader (known
+                # since the first heartbeat above) makes it, so replicas started together make one.
+                if settings.demo_servers and (services.cluster is None or services.cluster.is_leader()):
                     await ensure_demo(services)
                 if services.cluster is not None:
                     nursery.start_soon(_drain_on_shutdown, shutdown, services.cluster)

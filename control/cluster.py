@@ -11,8 +11,13 @@
   killed replica's operations are finished elsewhere within the lease TTL plus one heartbeat (inside
   the takeover bound).
 - Cross-replica events travel by PostgreSQL NOTIFY on one channel, received on a dedicated LISTEN
-  connection in a worker thread, and are applied to this replica's connections (consoles, IDE
+  connection that Trio waits on itself (`wait_readable` on its socket; no thread parked in `select()`,
+  which fails on descriptors above 1,024), and are applied to this replica's connections (consoles, IDE
   websockets). An event is also applied locally at once, so the origin never waits for the round trip.
+- Takeover time: a killed replica's leases lapse one lease TTL after its last renewal; each heartbeat
+  reports when the next foreign lease lapses and the replica beats again right then, so its share
+  is claimed at the lapse, not up to a heartbeat later, and the poller polls the gained agents within
+  its catch-up spread.
 
 Ownership is judged on this replica's own clock against the renewal it last *started*, so it always
 ends before the lease the database holds lapses: a replica cut off from the database stops polling
@@ -34,7 +39,6 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, TypeVar
 
 import trio
@@ -53,8 +57,10 @@ Service = Callable[..., Awaitable[None]]
 EventHandler = Callable[[dict[str, Any]], None]
 T = TypeVar("T")
 
-LISTEN_WAIT = 1.0  # seconds one LISTEN wait may block its worker thread
-LISTEN_RETRY = 1.0  # seconds between attempts to re-open a lost LISTEN connection
+LISTEN_RETRY = 0.5  # seconds before the first attempt to re-open a lost LISTEN connection
+LISTEN_RETRY_MAX = 15.0  # the backoff between attempts doubles up to this
+LAPSE_SLACK = 0.05  # seconds after a foreign lease's lapse to beat (the database's now must be past it)
+MIN_BEAT_GAP = 0.05  # seconds; never beat more often than this
 
 
 def cluster_enabled(settings: Settings, store: Store) -> bool:
@@ -77,6 +83,7 @@ class ClusterService:
         self._slots_until = 0.0  # trio time; ownership lapses here without a renewal
         self._leader_until = 0.0
         self._changed = trio.Event()
+        self._next_beat = 0.0  # trio time of the next heartbeat
         self.beats = 0
         self.draining = False
 
@@ -116,7 +123,7 @@ class ClusterService:
             await self._beat()  # hold a share before the poller's first round
             task_status.started()
             while True:
-                await trio.sleep(self.heartbeat_interval)
+                await trio.sleep_until(self._next_beat)
                 await self._beat()
         finally:
             self._slots_until = self._leader_until = 0.0
@@ -129,12 +136,16 @@ class ClusterService:
 
     async def _beat(self) -> None:
         started = trio.current_time()
+        self._next_beat = started + self.heartbeat_interval
         try:
             view = await self.store.run(store_cluster.heartbeat, self.replica_id, self.address,
                                         ttl=self.ttl, slot_count=self.slot_count, draining=self.draining)
         except Exception:
             log.exception("cluster heartbeat failed; ownership lapses unless the next one succeeds")
             return
+        if view.next_lapse is not None:  # a lease of a dead or departed replica becomes claimable
+            lapse_at = started + (view.next_lapse - view.now).total_seconds() + LAPSE_SLACK
+            self._next_beat = max(started + MIN_BEAT_GAP, min(self._next_beat, lapse_at))
         self.beats += 1
         gained = view.slots - self.slots if trio.current_time() < self._slots_until else view.slots
         if view.slots != self.slots or view.live != self.live:
@@ -231,6 +242,7 @@ class FleetEvents:
         self.listen = listen
         self.handlers: dict[str, EventHandler] = {}
         self.received = 0
+        self.listening = False  # whether the LISTEN connection is open now
 
     def on(self, kind: str, handler: EventHandler) -> None:
         self.handlers[kind] = handler
@@ -261,25 +273,27 @@ class FleetEvents:
         self._apply(event)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        if not self.listen:
-            task_status.started()
-            await trio.sleep_forever()
-        limiter = trio.CapacityLimiter(1)
         task_status.started()
+        if not self.listen:
+            await trio.sleep_forever()
+        retry = LISTEN_RETRY
         while True:
             listener = store_cluster.NotificationListener(self.store.db)
             try:
-                await trio.to_thread.run_sync(listener.open, limiter=limiter)
+                await trio.to_thread.run_sync(listener.open)  # bounded by the connect timeout
+                retry = LISTEN_RETRY
+                self.listening = True
                 while True:
-                    payloads = await trio.to_thread.run_sync(partial(listener.wait, LISTEN_WAIT),
-                                                             limiter=limiter, abandon_on_cancel=True)
-                    for payload in payloads:
+                    for payload in listener.drain():
                         self._receive(payload)
-            except Exception:
-                log.exception("cluster LISTEN connection lost; re-opening")
+                    await trio.lowlevel.wait_readable(listener.fileno())
+            except (store_cluster.ListenerLost, OSError) as exc:
+                log.warning("cluster LISTEN connection lost (%s); re-opening in %.1fs", exc, retry)
             finally:
+                self.listening = False
                 listener.close()
-            await trio.sleep(LISTEN_RETRY)
+            await trio.sleep(retry)
+            retry = min(retry * 2, LISTEN_RETRY_MAX)
 
 
 def wire_console_events(events: FleetEvents, consoles: Any) -> None:

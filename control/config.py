@@ -227,7 +227,10 @@ class Settings(BaseModel):
     # and elects a fleet leader on PostgreSQL; SQLite (one process) owns everything, as does "off".
     cluster: str = setting("auto", "ZLH_CLUSTER", "`auto` (on with PostgreSQL), `on` or `off`")
     replica_id: str = setting("", "ZLH_REPLICA_ID", "this replica's name (default: host-pid-random)")
-    cluster_heartbeat: float = setting(1.0, "ZLH_CLUSTER_HEARTBEAT", "seconds between lease renewals")
+    cluster_heartbeat: float = setting(0.5, "ZLH_CLUSTER_HEARTBEAT", "seconds between heartbeats (lease renewals)")
+    cluster_lease_ttl: float = setting(
+        3.0, "ZLH_CLUSTER_LEASE_TTL", "seconds a slot or leader lease lasts after its last renewal: a killed "
+        "replica's agents are polled again this long after its last heartbeat plus the poller's 1 s catch-up")
     cluster_takeover_bound: float = setting(10.0, "ZLH_CLUSTER_TAKEOVER_BOUND",
                                             "a dead replica's agents and operations are taken over within this")
     cluster_slots: int = setting(128, "ZLH_CLUSTER_SLOTS", "agent partitions; the same on every replica")
@@ -300,8 +303,12 @@ class Settings(BaseModel):
         if self.cluster_slots < 1:
             raise ConfigError("ZLH_CLUSTER_SLOTS must be at least 1")
         if self.cluster_lease_ttl < 3 * self.cluster_heartbeat:
-            raise ConfigError("ZLH_CLUSTER_TAKEOVER_BOUND is too small for the heartbeat and poll catch-up "
-                              f"(lease TTL {self.cluster_lease_ttl:.1f}s < 3 heartbeats)")
+            raise ConfigError(f"ZLH_CLUSTER_LEASE_TTL ({self.cluster_lease_ttl:.1f}s) must last at least 3 heartbeats "
+                              f"({self.cluster_heartbeat:.1f}s each)")
+        if self.cluster_lease_ttl + self.cluster_heartbeat + 2.0 > self.cluster_takeover_bound:
+            raise ConfigError("ZLH_CLUSTER_TAKEOVER_BOUND is too small: a lapsed lease is claimed within a heartbeat "
+                              "and its agents are polled within the 1 s catch-up (+1 s slack), so the bound must be "
+                              f"at least {self.cluster_lease_ttl + self.cluster_heartbeat + 2.0:.1f}s")
         for entry in self.jobs_allowed_sources:  # a typo must stop start-up, not silently allow nothing
             if entry != "local":
                 try:
@@ -310,13 +317,6 @@ class Settings(BaseModel):
                     raise ConfigError(f"ZLH_JOBS_ALLOWED_SOURCES: {entry!r} is neither a CIDR nor `local`") from None
         if self.local_ide_command and "{port}" not in self.local_ide_command:
             raise ConfigError("ZLH_LOCAL_IDE_COMMAND must contain {port} (the IDE port the agent assigns)")
-
-    @property
-    def cluster_lease_ttl(self) -> float:
-        """How long a slot or leader lease lasts after its last renewal. A dead replica's slot is
-        claimed at most one heartbeat after it lapses and its agents are polled within the poller's
-        catch-up spread (1 s), so TTL = bound - 2 heartbeats - 1 s (catch-up) - 1 s (slack)."""
-        return self.cluster_takeover_bound - 2 * self.cluster_heartbeat - 2.0
 
     @property
     def ide_cookie_is_secure(self) -> bool:

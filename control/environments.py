@@ -631,10 +631,13 @@ class EnvironmentService:
         await provider.start(instance.vmid)
         current = getattr(provider, "current", None)
         container = await current(instance.vmid) if current is not None else None
-        if container is not None:
+        if container is not None and instance.provider_ref and container.provider_ref != instance.provider_ref:
+            raise OperationFailed("the dev container here is not the one the database records")
+        if container is not None:  # recorded before it is waited on; never over another container's
             fields = {"agent_host": container.agent_host, "agent_port": container.agent_port,
                       "ide_port": container.ide_port}
-            await self.store.run(store_instances.update_instance, instance.id, **fields)
+            await self.store.run(store_instances.record_made, instance.id, instance.state, instance.provider_ref,
+                                 **fields)
             for key, value in fields.items():
                 setattr(instance, key, value)
         await self._await_agent_ready(instance)

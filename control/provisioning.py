@@ -9,7 +9,14 @@ with a readable reason. Deleting an instance cancels its provisioning first.
 One replica drives each provisioning: the one whose request recorded the instance (`driven_by`). At
 start-up the Provisioner resumes the provisionings it may drive, and with several replicas it takes
 over those whose replica died (control/cluster.py, OperationTakeover); every step is idempotent, so
-a provisioning resumes from the step it reached."""
+a provisioning resumes from the step it reached.
+
+Resume adopts. The container's identity (`provider_ref`, from the provider's `placement`) is recorded
+before the provider makes anything, and its agent address before the agent is waited on; a driver
+resuming `creating` first asks the provider for what the recorded identity names and adopts it, so a
+takeover mid-create never makes a second container. Every such write is a compare-and-set on the
+state and identity it read, and no replica writes an agent address from its own local memory: only
+the address of the container the database names, right after this replica (re)started it."""
 
 from __future__ import annotations
 
@@ -72,20 +79,25 @@ class Provisioner:
             self._nursery = nursery
             claim = partial(store_operations.claim_provisionings, [s.value for s in PROVISIONING])
             await nursery.start(self.takeover.run, self.store, claim, self.submit)
-            await self._refresh_agent_addresses()
+            await self._record_restarted_agents()
             task_status.started()
 
-    async def _refresh_agent_addresses(self) -> None:
-        """Record the agent addresses of containers re-adopted after a restart."""
+    async def _record_restarted_agents(self) -> None:
+        """The provider restarted, at start-up, agents of containers it holds that had died (new
+        ports): record those addresses — only for the container the database names (the same
+        `provider_ref`), compare-and-set on the address it replaces. A container the database does
+        not name never changes a row (the provider reaps it)."""
         current = getattr(self.provider, "current", None)
         if current is None:
             return
         for instance in await self.store.run(store_instances.instances_in_states, [InstanceState.READY.value]):
             container = await current(instance.vmid)
-            if container is not None and container.agent_port != instance.agent_port:
-                await self.store.run(store_instances.update_instance, instance.id,
-                                     agent_host=container.agent_host, agent_port=container.agent_port,
-                                     ide_port=container.ide_port)
+            if (container is None or container.provider_ref != instance.provider_ref
+                    or (container.agent_host, container.agent_port) == (instance.agent_host, instance.agent_port)):
+                continue
+            await self.store.run(partial(store_instances.record_made, instance.id, instance.state,
+                                         instance.provider_ref, agent_host=container.agent_host,
+                                         agent_port=container.agent_port, ide_port=container.ide_port))
 
     def submit(self, instance_id: int) -> None:
         assert self._nursery is not None, "Provisioner is not running"
@@ -155,10 +167,27 @@ class Provisioner:
             cores=int(payload.get("cores", 1)), memory_mb=int(payload.get("memoryMb", 1024)),
             disk_gb=int(payload.get("diskGb", 8)), agent_secret=instance.agent_secret, payload=payload,
         )
-        container = await self.provider.create(spec)
-        return await self._move(instance, "created", provider_ref=container.provider_ref,
-                                agent_host=container.agent_host, agent_port=container.agent_port,
-                                ide_port=container.ide_port)
+        container = None
+        if instance.provider_ref:  # a driver before this one got as far as making it: adopt that
+            container = await self.provider.find(instance.vmid, instance.provider_ref, instance.agent_secret)
+            if container is not None:
+                log.info("provisioning of instance %s adopted container %s", instance.id, container.provider_ref)
+        if container is None:
+            await self._record(instance, provider_ref=self.provider.placement(spec))
+            container = await self.provider.create(spec)
+        if container.provider_ref != instance.provider_ref:
+            await self._record(instance, provider_ref=container.provider_ref)
+        return await self._move(instance, "created", agent_host=container.agent_host,
+                                agent_port=container.agent_port, ide_port=container.ide_port)
+
+    async def _record(self, instance: Any, **fields: Any) -> None:
+        """Record what this step made before it continues, compare-and-set on the state and container
+        identity read (another driver's record is never overwritten)."""
+        if not await self.store.run(partial(store_instances.record_made, instance.id, instance.state,
+                                            instance.provider_ref, **fields)):
+            raise Superseded(instance.id)
+        for key, value in fields.items():
+            setattr(instance, key, value)
 
     async def _configure_agent(self, instance: Any) -> Any:
         """The agent must accept its secret (and only it) before we wait on it."""

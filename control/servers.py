@@ -40,12 +40,24 @@ SERVER_SCHEMA: dict[str, Any] = {"type": "object", "properties": {
     "operations": {"type": "array"}}}
 
 
-def normalized_state(instance: Any, agent: Any, poll_interval: float) -> dict[str, Any]:
+def stale_after(services: Services) -> float:
+    """Seconds after which a poll result no longer stands for the agent: a few poll intervals, plus,
+    with several replicas, the takeover bound — a replica's death pauses its agents' polls until a
+    survivor takes them over, and that pause is not the agents' fault (they must not flap
+    unreachable during every takeover). An agent that fails is still seen at once: a failed poll is
+    stored as such."""
+    window = services.settings.poll_interval * STALE_AFTER_INTERVALS
+    if services.cluster is not None:
+        window += services.settings.cluster_takeover_bound
+    return float(window)
+
+
+def normalized_state(instance: Any, agent: Any, stale_after: float) -> dict[str, Any]:
     """The Portal's view of one server. `agentReady` is the last semantic /ready, and it reads as
-    false once that answer is older than a few poll intervals."""
+    false once that answer is older than `stale_after` seconds (see `stale_after`)."""
     now = utcnow()
     fresh = (agent is not None and agent.ready_checked_at is not None
-             and now - agent.ready_checked_at <= timedelta(seconds=poll_interval * STALE_AFTER_INTERVALS))
+             and now - agent.ready_checked_at <= timedelta(seconds=stale_after))
     alive = bool(agent and agent.alive and fresh)
     ready = bool(agent and agent.ready and fresh)
     if instance.state == InstanceState.READY.value:
@@ -71,8 +83,8 @@ def normalized_state(instance: Any, agent: Any, poll_interval: float) -> dict[st
 async def list_servers(ctx: Ctx) -> list[dict[str, Any]]:
     owner = None if ctx.me.is_admin else ctx.me.id
     rows = await ctx.services.store.read(store_instances.server_rows, owner)
-    interval = ctx.services.settings.poll_interval
-    return [normalized_state(instance, agent, interval) for instance, agent in rows]
+    window = stale_after(ctx.services)
+    return [normalized_state(instance, agent, window) for instance, agent in rows]
 
 
 async def get_server(ctx: Ctx, server_id: int) -> dict[str, Any]:
@@ -81,7 +93,7 @@ async def get_server(ctx: Ctx, server_id: int) -> dict[str, Any]:
     if not rows:
         raise ApiError(404, "SERVER_NOT_FOUND", {"id": server_id})
     instance, agent = rows[0]
-    return normalized_state(instance, agent, ctx.services.settings.poll_interval)
+    return normalized_state(instance, agent, stale_after(ctx.services))
 
 
 async def ready_instance(ctx: Ctx, server_id: int) -> Any:

@@ -73,6 +73,7 @@ class Poller:
         limiter = trio.CapacityLimiter(self.concurrency)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._flush_forever)
+            nursery.start_soon(self._catch_up_forever, nursery, limiter)
             task_status.started()
             next_round = trio.current_time()
             while True:
@@ -83,7 +84,7 @@ class Poller:
                 self.rounds_completed += 1
                 next_round += self.interval
                 next_round = max(next_round, trio.current_time())
-                await self._wait_for_round(nursery, limiter, next_round)
+                await trio.sleep_until(next_round)
 
     def agents_late(self) -> int:
         """Agents of this replica without a poll that reached them for 1.5 intervals (/metrics)."""
@@ -100,12 +101,13 @@ class Poller:
         """More agents are this replica's now: poll the new ones before the next round."""
         self._grown.set()
 
-    async def _wait_for_round(self, nursery: trio.Nursery, limiter: trio.CapacityLimiter, next_round: float) -> None:
-        with trio.move_on_at(next_round):
-            while True:
-                await self._grown.wait()
-                self._grown = trio.Event()
-                await self._round(nursery, limiter, trio.current_time(), only_new=True)
+    async def _catch_up_forever(self, nursery: trio.Nursery, limiter: trio.CapacityLimiter) -> None:
+        # Alongside the rounds, not between them: a round spreads its polls over most of the interval,
+        # and agents gained while it runs (a dead replica's) must not wait for it to end.
+        while True:
+            await self._grown.wait()
+            self._grown = trio.Event()
+            await self._round(nursery, limiter, trio.current_time(), only_new=True)
 
     async def _targets(self) -> list[PollTarget]:
         if self.list_targets is not None:
@@ -122,6 +124,8 @@ class Poller:
         if only_new:
             targets = [t for t in targets if t.instance_id not in self._schedules]
             spread = min(spread, self.catch_up_spread)
+        for target in targets:  # a round's agents are known at once, so a catch-up never polls them too
+            self._schedules.setdefault(target.instance_id, _AgentSchedule())
         count = max(1, len(targets))
         for index, target in enumerate(targets):
             schedule = self._schedules.setdefault(target.instance_id, _AgentSchedule())

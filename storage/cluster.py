@@ -10,17 +10,23 @@ replica calls `heartbeat` every heartbeat interval; in one transaction it
   3. gives back slots above its share (holder cleared, expiry kept: nobody may take a slot before the
      expiry its last holder promised, so a slot handed over is never polled twice at once),
   4. renews the slots it still holds, and claims lapsed slots (expiry passed) up to its share,
-  5. renews or claims the named fleet-leader lease the same way.
+  5. renews or claims the named fleet-leader lease the same way,
+  6. reports the next moment a lease it does not hold lapses (`next_lapse`), so the replica can beat
+     again right then instead of up to one heartbeat later.
 A replica that dies stops renewing; its slots lapse after the TTL and the next heartbeat of another
 replica claims them. Every time here is the database's clock (`now()` on PostgreSQL), so replicas on
 different hosts never compare their own clocks.
+
+No deadlocks: a claim is one statement that locks lapsed rows in slot order and skips rows another
+replica's claim holds (`FOR UPDATE SKIP LOCKED`), so claims never wait for each other; two replicas
+claiming at once split the lapsed slots between them in the same heartbeat. Renewals and give-backs
+touch only the replica's own rows and take their locks in slot order too. (Claiming row by row in a
+random order deadlocked: PostgreSQL aborted one heartbeat, whose share then arrived a beat late.)
 
 This module never decides what a replica polls or runs: it only records and answers."""
 
 from __future__ import annotations
 
-import random
-import select
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -75,6 +81,7 @@ class ClusterView:
     slots: frozenset[int]
     leader: bool
     claimed: frozenset[int]  # slots newly claimed by this heartbeat
+    next_lapse: datetime | None = None  # the earliest future expiry of a lease held by no one / another
 
 
 def database_now() -> datetime:
@@ -118,25 +125,51 @@ def heartbeat(replica_id: str, address: str | None, *, ttl: float, slot_count: i
     held = sorted(s.slot for s in ClusterSlot.select(ClusterSlot.slot).where(
         (ClusterSlot.holder == replica_id) & (ClusterSlot.slot < slot_count)))
     if len(held) > share:
-        excess = held[share:]
-        ClusterSlot.update(holder=None).where(ClusterSlot.slot.in_(excess)
-                                              & (ClusterSlot.holder == replica_id)).execute()
+        _update_in_order(held[share:], replica_id, holder=None)
         held = held[:share]
     if held:
-        ClusterSlot.update(expires_at=expires).where(ClusterSlot.slot.in_(held)
-                                                     & (ClusterSlot.holder == replica_id)).execute()
-    claimed: list[int] = []
+        _update_in_order(held, replica_id, expires_at=expires)
     if len(held) < share:
-        lapsed = [s.slot for s in ClusterSlot.select(ClusterSlot.slot).where(
-            (ClusterSlot.expires_at <= now) & (ClusterSlot.slot < slot_count))]
-        # A random pick keeps replicas that claim at the same moment from contending for one row.
-        wanted = random.sample(lapsed, min(len(lapsed), share - len(held)))
-        for slot in wanted:
-            if (ClusterSlot.update(holder=replica_id, expires_at=expires)
-                    .where((ClusterSlot.slot == slot) & (ClusterSlot.expires_at <= now)).execute()):
-                claimed.append(slot)
+        _claim_lapsed(replica_id, now, expires, share - len(held), slot_count)
+    # What this replica holds now, as committed rows say: a lapsed slot of ours that another replica
+    # claimed first is not ours any more, whatever `held` read before.
+    holding = frozenset(s.slot for s in ClusterSlot.select(ClusterSlot.slot).where(
+        (ClusterSlot.holder == replica_id) & (ClusterSlot.slot < slot_count)))
     leader = _hold_lease(LEADER, replica_id, now, expires) if lead else False
-    return ClusterView(now, live, frozenset(held) | frozenset(claimed), leader, frozenset(claimed))
+    return ClusterView(now, live, holding, leader, holding - frozenset(held),
+                       _next_lapse(replica_id, now, slot_count, lead))
+
+
+def _update_in_order(slots: list[int], replica_id: str, **fields: Any) -> None:
+    """Update this replica's own `slots`, locking them in slot order (one statement)."""
+    own = ClusterSlot.select(ClusterSlot.slot).where(ClusterSlot.slot.in_(slots) & (ClusterSlot.holder == replica_id))
+    if is_postgres(database):
+        own = own.order_by(ClusterSlot.slot).for_update()
+    ClusterSlot.update(**fields).where(ClusterSlot.slot.in_(own) & (ClusterSlot.holder == replica_id)).execute()
+
+
+def _claim_lapsed(replica_id: str, now: datetime, expires: datetime, wanted: int, slot_count: int) -> None:
+    """Claim up to `wanted` lapsed slots in one statement that never waits for another claim."""
+    lapsed = (ClusterSlot.select(ClusterSlot.slot)
+              .where((ClusterSlot.expires_at <= now) & (ClusterSlot.slot < slot_count))
+              .order_by(ClusterSlot.slot).limit(wanted))
+    if is_postgres(database):
+        lapsed = lapsed.for_update(skip_locked=True)
+    ClusterSlot.update(holder=replica_id, expires_at=expires).where(
+        ClusterSlot.slot.in_(lapsed) & (ClusterSlot.expires_at <= now)).execute()
+
+
+def _next_lapse(replica_id: str, now: datetime, slot_count: int, lead: bool) -> datetime | None:
+    """The earliest future expiry of a slot (or, when leading is wanted, the leader lease) this
+    replica does not hold: when a dead or departed holder's lease becomes claimable."""
+    not_mine = (ClusterSlot.holder.is_null() | (ClusterSlot.holder != replica_id))
+    soonest = (ClusterSlot.select(peewee.fn.MIN(ClusterSlot.expires_at))
+               .where(not_mine & (ClusterSlot.expires_at > now) & (ClusterSlot.slot < slot_count)).scalar())
+    if lead:
+        lease = ClusterLease.get_or_none(ClusterLease.name == LEADER)
+        if lease is not None and lease.holder != replica_id and lease.expires_at > now:
+            soonest = lease.expires_at if soonest is None else min(soonest, lease.expires_at)
+    return soonest  # type: ignore[no-any-return]
 
 
 def _ensure_slots(slot_count: int) -> None:
@@ -199,9 +232,15 @@ def notify(payload: str, channel: str = CHANNEL) -> None:
         database.execute_sql("SELECT pg_notify(%s, %s)", (channel, payload))
 
 
+class ListenerLost(Exception):
+    """The LISTEN connection could not be opened or was lost."""
+
+
 class NotificationListener:
-    """A dedicated autocommit PostgreSQL connection that LISTENs on one channel. Blocking: call it
-    from one worker thread at a time."""
+    """A dedicated autocommit PostgreSQL connection that LISTENs on one channel. `open` and `close`
+    block (run them in a worker thread); waiting is the caller's: wait until `fileno()` is readable
+    with the event loop's own readiness wait, then `drain()`, which never blocks. (Never `select()`:
+    it fails on descriptors above 1,024, which a replica holding thousands of agent connections has.)"""
 
     def __init__(self, db: peewee.Database, channel: str = CHANNEL) -> None:
         self.db = db
@@ -211,18 +250,34 @@ class NotificationListener:
     def open(self) -> None:
         import psycopg2
 
-        conn = psycopg2.connect(dbname=self.db.database, **self.db.connect_params)
-        conn.autocommit = True
-        conn.cursor().execute(f'LISTEN "{self.channel}"')
+        # TCP keepalives: a connection cut silently (no FIN) is noticed within about a minute instead
+        # of never, since nothing else is ever sent on it (libpq ignores them on unix sockets).
+        params = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+                  "keepalives_count": 3, **self.db.connect_params}
+        try:
+            conn = psycopg2.connect(dbname=self.db.database, **params)
+        except psycopg2.Error as exc:
+            raise ListenerLost(str(exc).strip()) from exc
+        try:
+            conn.autocommit = True
+            conn.cursor().execute(f'LISTEN "{self.channel}"')
+        except psycopg2.Error as exc:
+            conn.close()
+            raise ListenerLost(str(exc).strip()) from exc
         self._conn = conn
 
-    def wait(self, timeout: float) -> list[str]:
-        """Payloads that arrived, waiting up to `timeout` seconds for the first one."""
+    def fileno(self) -> int:
+        return int(self._conn.fileno())
+
+    def drain(self) -> list[str]:
+        """Payloads received so far (reads what the socket holds; raises when the connection is lost)."""
+        import psycopg2
+
         conn = self._conn
-        if not conn.notifies:
-            readable, _, _ = select.select([conn], [], [], timeout)
-            if readable:
-                conn.poll()
+        try:
+            conn.poll()
+        except psycopg2.Error as exc:
+            raise ListenerLost(str(exc).strip()) from exc
         payloads = [n.payload for n in conn.notifies]
         conn.notifies.clear()
         return payloads

@@ -72,6 +72,23 @@ def move_instance(instance_id: int, expected_state: str, **fields: Any) -> bool:
     return bool(query.execute())
 
 
+def record_made(instance_id: int, expected_state: str, expected_ref: str | None, **fields: Any) -> bool:
+    """Record what a provisioning step made (container identity, agent address) only if the row is
+    still in `expected_state` and names `expected_ref` as its container: a driver never overwrites
+    what another recorded meanwhile (False then)."""
+    fields["updated_at"] = utcnow()
+    ref = Instance.provider_ref.is_null() if expected_ref is None else Instance.provider_ref == expected_ref
+    query = Instance.update(**fields).where((Instance.id == instance_id) & (Instance.state == expected_state) & ref)
+    return bool(query.execute())
+
+
+def provider_refs(provider: str) -> dict[int, str | None]:
+    """vmid → recorded container identity of every instance row of `provider` (what the database says
+    exists; a container it does not name is an orphan)."""
+    return {row.vmid: row.provider_ref for row in
+            Instance.select(Instance.vmid, Instance.provider_ref).where(Instance.provider == provider)}
+
+
 def instances_in_states(states: list[str]) -> list[Instance]:
     return list(Instance.select().where(Instance.state.in_(states)).order_by(Instance.id))
 

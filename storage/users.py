@@ -45,13 +45,17 @@ def set_role(user_id: int, role: str) -> None:
 
 
 def ensure_plans(plans: list[dict[str, Any]]) -> None:
-    """Insert or update the configured plans (the operator's source of truth is configuration)."""
+    """Insert or update the configured plans (the operator's source of truth is configuration). One
+    upsert per plan, so replicas seeding at once never collide on the key (it also runs under the
+    migrations' lock: storage/migrations)."""
     for plan in plans:
         fields = {k: v for k, v in plan.items() if k != "name"}
-        if Plan.get_or_none(Plan.name == plan["name"]) is None:
-            Plan.create(name=plan["name"], **fields)
+        query = Plan.insert(name=plan["name"], **fields)
+        if fields:
+            query = query.on_conflict(conflict_target=[Plan.name], update=fields)
         else:
-            Plan.update(**fields).where(Plan.name == plan["name"]).execute()
+            query = query.on_conflict_ignore()
+        query.execute()
 
 
 def plan_by_name(name: str) -> Plan | None:

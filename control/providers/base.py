@@ -1,7 +1,11 @@
 """The provider interface: what provisioning needs from wherever containers live.
 
 Every method is idempotent for a VMID: creating a container that already exists returns it,
-destroying one that is gone succeeds. Providers raise ProviderError with a readable reason."""
+destroying one that is gone succeeds. Providers raise ProviderError with a readable reason.
+
+Resume adopts: `placement(spec)` names the container `create(spec)` will make before anything is made,
+so the provisioner records it first; a replica resuming a provisioning its dead driver left calls
+`find` on that record and adopts what is there instead of making a second container."""
 
 from __future__ import annotations
 
@@ -39,8 +43,15 @@ class Container:
 class Provider(Protocol):
     name: str
 
+    def placement(self, spec: ContainerSpec) -> str:
+        """The `provider_ref` of the container `create(spec)` makes, known before it is made."""
+
     async def create(self, spec: ContainerSpec) -> Container:
         """Create and boot the container with its agent configured with `spec.agent_secret`."""
+
+    async def find(self, vmid: int, provider_ref: str, agent_secret: str) -> Container | None:
+        """The container `provider_ref` names if it exists and was made for this instance (it holds
+        `agent_secret`): adopted, running, with its agent's address. None when nothing was made there."""
 
     async def start(self, vmid: int) -> None: ...
 

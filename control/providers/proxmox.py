@@ -262,6 +262,24 @@ class ProxmoxProvider:
                          agent_port=self.settings.proxmox_agent_port,
                          ide_port=self.settings.proxmox_ide_port if spec.kind == "dev" else None)
 
+    def placement(self, spec: ContainerSpec) -> str:
+        return f"{self.node}/{spec.vmid}"  # the VMID is reserved in our database before the clone
+
+    async def find(self, vmid: int, provider_ref: str, agent_secret: str) -> Container | None:
+        """The CT at the recorded VMID, if it is ours (tagged) and was made for this instance (its
+        description carries this agent secret): started and returned; None if nothing is there."""
+        if provider_ref != f"{self.node}/{vmid}":
+            return None
+        config = await self._config(vmid)
+        if config is None:
+            return None
+        if TAG not in container_tags(config) or f"{SECRET_LINE} {agent_secret}" not in str(config.get("description", "")):
+            raise ProviderError(f"VMID {vmid} is held by a container not made for this instance")
+        if config.get("lock"):
+            await self._wait_unlocked(vmid)
+        await self.start(vmid)
+        return await self.current(vmid)
+
     async def _make(self, spec: ContainerSpec) -> None:
         template = self.settings.proxmox_template
         if not template:

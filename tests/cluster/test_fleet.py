@@ -1,7 +1,8 @@
 """Several gateway replicas on one PostgreSQL with a simulated fleet: the poller's agents are
 partitioned (each polled by exactly one replica), a replica killed with SIGKILL has its agents and its
-once-per-fleet work taken over within the bound, a new replica takes its share without a restart of
-the others, and any replica answers any Portal request."""
+once-per-fleet work taken over within 5 s with the default cluster settings (half the documented
+bound) while the Portal, polling through nginx, never sees a server flap unreachable, a new replica
+takes its share without a restart of the others, and any replica answers any Portal request."""
 
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ async def fleet_work_holders(http: httpx.AsyncClient, urls: dict[str, str]) -> l
 async def test_agents_polled_once_across_replicas_taken_over_on_kill_and_shared_with_a_new_one(
         pg_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     url = pg_cluster.fresh_database()
+    log_offset = pg_cluster.log_size()
     async with cluster(url, tmp_path) as fleet_of, httpx.AsyncClient(timeout=10) as http, \
             trio.open_nursery() as nursery:
         fleet = RecordingFleet(AGENTS, fleet_of)
@@ -94,12 +96,16 @@ async def test_agents_polled_once_across_replicas_taken_over_on_kill_and_shared_
         [leader] = await fleet_work_holders(http, urls)
         front = await fleet_of.stack.enter_async_context(nginx_in_front(tmp_path, list(urls.values())))
         statuses: list[int] = []
+        flaps: list[tuple[int, str, bool]] = []  # a server read as not ready / unreachable
 
         async def portal_through_nginx() -> None:
             while True:
                 try:
                     response = await http.get(f"{front}/api/servers", headers=bearer(session))
                     statuses.append(response.status_code)
+                    if response.status_code == 200:
+                        flaps.extend((s["id"], s["state"], s["agentReady"]) for s in response.json()
+                                     if not s["agentReady"] or s["state"] == "unreachable")
                 except httpx.HTTPError:
                     statuses.append(0)
                 await trio.sleep(0.02)
@@ -125,8 +131,7 @@ async def test_agents_polled_once_across_replicas_taken_over_on_kill_and_shared_
                 first_poll.setdefault(poll.agent, poll.at - killed_at)
         print(f"\ntakeover after kill -9: all {len(orphaned)} agents re-polled within {takeover:.2f}s "
               f"(first {min(first_poll.values()):.2f}s, last {max(first_poll.values()):.2f}s)")
-        assert takeover < 10.0
-        assert takeover < TAKEOVER_BOUND + POLL_INTERVAL
+        assert takeover <= TAKEOVER_BOUND  # default cluster settings: half the documented 10 s bound
 
         async def one_leader_among_survivors() -> bool:
             return len(await fleet_work_holders(http, survivors)) == 1
@@ -136,6 +141,8 @@ async def test_agents_polled_once_across_replicas_taken_over_on_kill_and_shared_
         failed = [s for s in statuses if s != 200]
         print(f"Portal through nginx during the kill: {len(statuses)} requests, {len(failed)} not 200 {failed}")
         assert len(failed) <= 1, failed  # at most the one request in flight on the dead replica
+        # a takeover longer than 3 poll intervals does not make the Portal see the servers flap
+        assert not flaps, flaps[:5]
         assert (await http.get(f"{survivors[min(survivors)]}/api/servers", headers=bearer(session))).status_code == 200
 
         # A new replica takes its share without a restart of the others.
@@ -158,4 +165,20 @@ async def test_agents_polled_once_across_replicas_taken_over_on_kill_and_shared_
         assert set(settled) == set(range(AGENTS))
         assert all(len(names) == 1 for names in settled.values()), settled
         assert "r4" in {name for names in settled.values() for name in names}
+
+        # A second kill, of the replica that joined: taken over within the same bound.
+        orphaned = {agent for agent, names in settled.items() if names == {"r4"}}
+        flaps.clear()
+        killed_at = trio.current_time()
+        fleet_of.replicas["r4"].kill()
+
+        def taken_over_again() -> bool:
+            return orphaned <= set(owners([p for p in fleet.since(killed_at) if p.replica != "r4"]))
+
+        second = await wait_until(taken_over_again, 15, step=0.05)
+        print(f"second kill -9 (r4): all {len(orphaned)} agents re-polled within {second:.2f}s")
+        assert second <= TAKEOVER_BOUND
+        assert not flaps, flaps[:5]
         nursery.cancel_scope.cancel()
+    logged = pg_cluster.log_since(log_offset)  # survivors claimed the dead one's slots at once, twice
+    assert "deadlock detected" not in logged, logged
