@@ -248,6 +248,10 @@ class FrontServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError, ClientGone, trio.TooSlowError,
                 h11.ProtocolError):
             pass
+        except ApiError as error:
+            # The client's fault, found after the answer had begun (a body's framing broke): the
+            # connection is dropped, with one line and no traceback.
+            log.warning("connection from %s dropped mid-response: %s", client, error.code)
         except Exception:
             # A failure after the response head went out: the only honest signal left is to drop
             # the connection, so the client sees a broken body rather than a short "complete" one.
