@@ -14,9 +14,9 @@ The edge holds here, for every route alike (h11 parses; this file adds what h11 
 - the header section is limited to hypercorn.toml's `h11_max_incomplete_size` by the bytes received,
   however they were split into reads (h11 checks only a head still incomplete, so a big head arriving
   in one read would pass it; heads are also read at most one byte past the limit at a time);
-- a request with both Content-Length and Transfer-Encoding is refused with 400 and the connection
-  closed (RFC 9112 §6.1: h11 would let Transfer-Encoding win and keep the connection, so a request
-  hidden in the body would be served next);
+- a request with both Content-Length and Transfer-Encoding (or Transfer-Encoding in HTTP/1.0) is
+  refused with 400 and the connection closed (RFC 9112 §6.1: h11 would let Transfer-Encoding win and
+  keep the connection, so a request hidden in the body would be served next);
 - a transfer coding other than chunked is 501 UNSUPPORTED_TRANSFER_CODING, any HTTP version but 1.0
   and 1.1 (the HTTP/2 preface `PRI * HTTP/2.0`) 505 HTTP_VERSION_NOT_SUPPORTED;
 - a body whose chunked framing is broken is 400 BAD_FRAMING wherever it is read (the data plane and
@@ -365,6 +365,8 @@ def _refusal(event: h11.Request, head_bytes: int, limit: int) -> tuple[int, str,
     names = {name for name, _ in event.headers}
     if b"content-length" in names and b"transfer-encoding" in names:
         return 400, "BAD_FRAMING", "both Content-Length and Transfer-Encoding"
+    if b"transfer-encoding" in names and event.http_version == b"1.0":  # RFC 9112 §6.1: faulty framing
+        return 400, "BAD_FRAMING", "Transfer-Encoding in an HTTP/1.0 request"
     return None
 
 

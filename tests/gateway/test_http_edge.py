@@ -118,6 +118,13 @@ async def test_content_length_with_transfer_encoding_is_refused_and_the_hidden_r
     assert edge.served == []  # neither the request nor the one hidden in its body
 
 
+async def test_transfer_encoding_in_http10_is_refused(edge: Edge) -> None:
+    answer = await edge.exchange(b"PUT /stream HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+                                 b"GET /hidden HTTP/1.0\r\n\r\n")
+    assert statuses(answer) == [400] and envelope(answer)["error"] == "BAD_FRAMING"
+    assert edge.served == []
+
+
 @pytest.mark.parametrize("size_line", [b"zz", b"-1", b"%x" % 2**96, b"0x5", b""])
 @pytest.mark.parametrize("path", ["/stream", "/control"])
 async def test_broken_chunked_framing_is_a_4xx_without_a_traceback(
