@@ -21,7 +21,8 @@ The edge holds here, for every route alike (h11 parses; this file adds what h11 
   and 1.1 (the HTTP/2 preface `PRI * HTTP/2.0`) 505 HTTP_VERSION_NOT_SUPPORTED;
 - a body whose chunked framing is broken is 400 BAD_FRAMING wherever it is read (the data plane and
   the ASGI handoff), and the connection is closed.
-Each refusal is the error envelope with `connection: close`, and no log line louder than the access log.
+Each refusal is the error envelope with `connection: close`; a refused request that did parse gets its
+access-log line and metric (route `edge`); nothing about it is logged louder.
 
 Never buffer a body here, never let a handler's failure escape its connection, and never leave a
 socket without a timeout on the read that waits for the client.
@@ -268,7 +269,7 @@ class FrontServer:
                 if not first and not seen:
                     self._idle.add(idle)
                 try:
-                    event = await self._read_head(stream, conn, seen, first)
+                    event = await self._read_head(stream, conn, seen, first, client)
                 finally:
                     self._idle.discard(idle)
             if idle.cancelled_caught:
@@ -311,7 +312,7 @@ class FrontServer:
                 return
 
     async def _read_head(self, stream: trio.SocketStream, conn: h11.Connection, seen: bytearray,
-                         first: bool) -> h11.Request | None:
+                         first: bool, client: str) -> h11.Request | None:
         """The next request head, or None when the connection is over (the client left, or the head
         was refused and answered here)."""
         timeout = self.hypercorn.read_timeout if first else self.hypercorn.keep_alive_timeout
@@ -339,6 +340,9 @@ class FrontServer:
                 if refusal is None:
                     return event
                 await _reject(stream, conn, *refusal)
+                request = _request_from(event, client)
+                self.metrics.observe_request("edge", request.method, refusal[0], 0.0)
+                log_request(request.method, request.path, request.query, refusal[0], 0.0, client, "edge")
                 return None
 
 
