@@ -16,6 +16,7 @@ import pydantic
 from gateway.agent_client import forward_agent_result
 from gateway.dataplane import StreamGrant
 from gateway.errors import ApiError
+from gateway.outbound import check_file_path, file_path_problem, segment
 from gateway.server import Request
 from storage import instances as store_instances
 from storage import users
@@ -29,7 +30,17 @@ from .services import Services
 
 FILE_MOUNTS = ("/api/game/servers", "/api/servers")
 
-FilePath = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=4096)]
+
+
+def _file_path(path: str) -> str:
+    problem = file_path_problem(path)
+    if problem is not None:
+        raise ValueError(f"{problem}: at most 4096 bytes, 255 bytes per name, no NUL")
+    return path
+
+
+FilePath = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=4096),
+                     pydantic.AfterValidator(_file_path)]
 
 
 class WriteContent(Body):
@@ -67,7 +78,7 @@ def _path_param(ctx: Ctx, required: bool = True) -> dict[str, str]:
         if required:
             raise ApiError(400, "VALIDATION_FAILED", [{"field": "path", "message": "query parameter required"}])
         return {}
-    return {"path": path}
+    return {"path": check_file_path(path)}
 
 
 async def _forward(ctx: Ctx, server_id: int, method: str, agent_path: str, *, json_body: Any = None,
@@ -112,11 +123,11 @@ async def start_upload(ctx: Ctx, server_id: int) -> tuple[Any, int]:
 
 
 async def upload_status(ctx: Ctx, server_id: int, upload_id: str) -> tuple[Any, int]:
-    return await _forward(ctx, server_id, "GET", f"/files/uploads/{upload_id}")
+    return await _forward(ctx, server_id, "GET", f"/files/uploads/{segment(upload_id)}")
 
 
 async def abort_upload(ctx: Ctx, server_id: int, upload_id: str) -> tuple[Any, int]:
-    return await _forward(ctx, server_id, "DELETE", f"/files/uploads/{upload_id}")
+    return await _forward(ctx, server_id, "DELETE", f"/files/uploads/{segment(upload_id)}")
 
 
 # --- backups --------------------------------------------------------------------------------------
@@ -138,7 +149,7 @@ async def restore_backup(ctx: Ctx, server_id: int) -> tuple[Any, int]:
 
 
 async def delete_backup(ctx: Ctx, server_id: int, backup_id: str) -> tuple[Any, int]:
-    return await _forward(ctx, server_id, "DELETE", f"/backups/{backup_id}")
+    return await _forward(ctx, server_id, "DELETE", f"/backups/{segment(backup_id)}")
 
 
 async def restore_status(ctx: Ctx, server_id: int) -> dict[str, Any]:
@@ -164,15 +175,15 @@ async def install_mod(ctx: Ctx, server_id: int) -> tuple[Any, int]:
 
 
 async def remove_mod(ctx: Ctx, server_id: int, mod_id: str) -> tuple[Any, int]:
-    return await _forward(ctx, server_id, "DELETE", f"/mods/{mod_id}")
+    return await _forward(ctx, server_id, "DELETE", f"/mods/{segment(mod_id)}")
 
 
 async def enable_mod(ctx: Ctx, server_id: int, mod_id: str) -> tuple[Any, int]:
-    return await _forward(ctx, server_id, "POST", f"/mods/{mod_id}/enable")
+    return await _forward(ctx, server_id, "POST", f"/mods/{segment(mod_id)}/enable")
 
 
 async def disable_mod(ctx: Ctx, server_id: int, mod_id: str) -> tuple[Any, int]:
-    return await _forward(ctx, server_id, "POST", f"/mods/{mod_id}/disable")
+    return await _forward(ctx, server_id, "POST", f"/mods/{segment(mod_id)}/disable")
 
 
 # --- the data plane's rule ------------------------------------------------------------------------

@@ -68,7 +68,8 @@ class AgentClient:
 
     async def call(self, target: AgentTarget, method: str, path: str, *, json_body: Any = None,
                    params: dict[str, str] | None = None, timeout: float | None = None) -> AgentResult:
-        """One request; never raises for agent trouble (that is data: status 0 and an error)."""
+        """One request; never raises for agent trouble (that is data: status 0 and an error). A path
+        or header that cannot go out as one well-formed request raises OutboundRefused (a 400)."""
         if params:
             path = f"{path}?{urlencode(params)}"
         headers = [target.authorization]

@@ -5,7 +5,8 @@ The poller makes two of these calls per agent per interval, so at thousands of a
 most of the gateway's work: h11 in pure Python cost about 150 µs of CPU per call here, llhttp a tenth
 of that; the socket is read and written directly (gateway/fdio.py). Streams, uploads and protocol
 upgrades stay on `gateway/upstream.py`; nothing here holds more than `limit` bytes of an answer.
-Every call is bounded by the caller's timeout."""
+Every call is bounded by the caller's timeout. The head is written by hand, so its target and
+headers are checked first (gateway/outbound.py): a CR LF in a target would split the request."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import httptools
 import trio
 
 from . import fdio
+from .outbound import check_request
 from .upstream import UpstreamBroken, UpstreamError, open_stream, take_idle
 
 RECEIVE_SIZE = 64 * 1024
@@ -61,7 +63,9 @@ class SmallCallPool:
     async def call(self, host: str, port: int, method: str, target: str, headers: list[tuple[bytes, bytes]],
                    body: bytes | None, *, limit: int) -> tuple[int, bytes]:
         """One request and its whole answer: (status, body). Raises UpstreamError for anything that
-        is not a complete HTTP answer; the caller bounds the time."""
+        is not a complete HTTP answer, OutboundRefused (before connecting) for a target or header
+        that would not go out as one well-formed request; the caller bounds the time."""
+        check_request(target, headers)
         stream = await self._connect(host, port)
         reusable = False
         try:

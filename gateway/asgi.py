@@ -1,6 +1,8 @@
 """The bridge from the front server to an ASGI application (the Quart-Trio control app): one h11
 exchange becomes one ASGI `http` call. Request bodies are handed over chunk by chunk as the app asks
-for them; the response is written as the app sends it. HTTP only: websockets are data-plane routes."""
+for them; the response is written as the app sends it. HTTP only: websockets are data-plane routes.
+A body with broken framing reaches the app as a disconnect (it has no body to read), and the client
+gets the front server's 400 for it, not whatever the app makes of a half-read request."""
 
 from __future__ import annotations
 
@@ -41,11 +43,12 @@ def asgi_handler(app: ASGIApp, server: tuple[str, int] | None = None) -> Handler
         }
         body = exchange.body()
         body_done = False
+        framing: ApiError | None = None
         status = 0
         headers: list[tuple[bytes, bytes]] = []
 
         async def receive() -> dict[str, Any]:
-            nonlocal body_done
+            nonlocal body_done, framing
             if body_done:
                 # The whole body was delivered; there is nothing more until the app is done.
                 await trio.sleep_forever()
@@ -56,6 +59,9 @@ def asgi_handler(app: ASGIApp, server: tuple[str, int] | None = None) -> Handler
                 return {"type": "http.request", "body": b"", "more_body": False}
             except ClientGone:
                 body_done = True
+                return {"type": "http.disconnect"}
+            except ApiError as error:  # the body's framing is broken (server.bad_framing)
+                body_done, framing = True, error
                 return {"type": "http.disconnect"}
             return {"type": "http.request", "body": chunk, "more_body": True}
 
@@ -73,6 +79,8 @@ def asgi_handler(app: ASGIApp, server: tuple[str, int] | None = None) -> Handler
                     await exchange.end()
 
         await app(scope, receive, send)
+        if framing is not None and not exchange.headers_sent:
+            raise framing
         if not exchange.headers_sent:
             if status:
                 await exchange.send_head(status, headers)

@@ -10,6 +10,20 @@ machine a raw trio+h11 path serves ~4x the small requests of Hypercorn and moves
 handing whole connections to Hypercorn was tried and fails, because clients reuse a keep-alive
 connection for both kinds of request.
 
+The edge holds here, for every route alike (h11 parses; this file adds what h11 leaves to its user):
+- the header section is limited to hypercorn.toml's `h11_max_incomplete_size` by the bytes received,
+  however they were split into reads (h11 checks only a head still incomplete, so a big head arriving
+  in one read would pass it; heads are also read at most one byte past the limit at a time);
+- a request with both Content-Length and Transfer-Encoding (or Transfer-Encoding in HTTP/1.0) is
+  refused with 400 and the connection closed (RFC 9112 §6.1: h11 would let Transfer-Encoding win and
+  keep the connection, so a request hidden in the body would be served next);
+- a transfer coding other than chunked is 501 UNSUPPORTED_TRANSFER_CODING, any HTTP version but 1.0
+  and 1.1 (the HTTP/2 preface `PRI * HTTP/2.0`) 505 HTTP_VERSION_NOT_SUPPORTED;
+- a body whose chunked framing is broken is 400 BAD_FRAMING wherever it is read (the data plane and
+  the ASGI handoff), and the connection is closed.
+Each refusal is the error envelope with `connection: close`; a refused request that did parse gets its
+access-log line and metric (route `edge`); nothing about it is logged louder.
+
 Never buffer a body here, never let a handler's failure escape its connection, and never leave a
 socket without a timeout on the read that waits for the client.
 """
@@ -37,7 +51,10 @@ log = logging.getLogger("zlh.server")
 
 RECEIVE_SIZE = 256 * 1024
 COALESCE_LIMIT = 64 * 1024
-MAX_HEAD_BYTES = 32 * 1024
+SUPPORTED_VERSIONS = (b"1.0", b"1.1")
+CODE_FOR_REFUSAL = {400: "BAD_REQUEST", 431: "REQUEST_HEADER_FIELDS_TOO_LARGE", 501: "UNSUPPORTED_TRANSFER_CODING",
+                    505: "HTTP_VERSION_NOT_SUPPORTED"}
+CLOSE = {"connection": "close"}
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -70,6 +87,14 @@ class ClientGone(Exception):
     """The client went away mid-exchange."""
 
 
+def bad_framing(exc: h11.RemoteProtocolError) -> ApiError:
+    """A body h11 cannot frame (a chunk size `zz`, `-1`, 2^96, a chunk line past the limit): the
+    client's error, answered once, and the connection is not reused (there is no next request to find)."""
+    status = exc.error_status_hint if exc.error_status_hint in (400, 431) else 400
+    return ApiError(status, "BAD_FRAMING" if status == 400 else CODE_FOR_REFUSAL[431],
+                    {"reason": "the request body's framing is invalid"}, headers=CLOSE)
+
+
 @dataclass
 class Exchange:
     """One request/response on a data-plane connection: the handler's whole view of the socket."""
@@ -90,9 +115,13 @@ class Exchange:
         return self.status != 0
 
     async def body(self) -> AsyncIterator[bytes]:
-        """The request body, chunk by chunk as it arrives; reading is what pulls it off the socket."""
+        """The request body, chunk by chunk as it arrives; reading is what pulls it off the socket.
+        Broken framing raises the ApiError `bad_framing` gives (a 400 if nothing was answered yet)."""
         while not self._body_done:
-            event = self._conn.next_event()
+            try:
+                event = self._conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise bad_framing(exc) from None
             if event is h11.NEED_DATA:
                 try:
                     data = await self._stream.receive_some(RECEIVE_SIZE)
@@ -212,12 +241,18 @@ class FrontServer:
             client = f"{peer[0]}:{peer[1]}"
         except OSError:
             return
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.hypercorn.h11_max_incomplete_size)
         try:
             await self._serve_exchanges(stream, conn, client)
+            if conn.their_state in (h11.SEND_BODY, h11.ERROR) and conn.our_state in (h11.DONE, h11.MUST_CLOSE):
+                await _linger(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ClientGone, trio.TooSlowError,
                 h11.ProtocolError):
             pass
+        except ApiError as error:
+            # The client's fault, found after the answer had begun (a body's framing broke): the
+            # connection is dropped, with one line and no traceback.
+            log.warning("connection from %s dropped mid-response: %s", client, error.code)
         except Exception:
             # A failure after the response head went out: the only honest signal left is to drop
             # the connection, so the client sees a broken body rather than a short "complete" one.
@@ -234,7 +269,7 @@ class FrontServer:
                 if not first and not seen:
                     self._idle.add(idle)
                 try:
-                    event = await self._read_head(stream, conn, seen, first)
+                    event = await self._read_head(stream, conn, seen, first, client)
                 finally:
                     self._idle.discard(idle)
             if idle.cancelled_caught:
@@ -277,25 +312,66 @@ class FrontServer:
                 return
 
     async def _read_head(self, stream: trio.SocketStream, conn: h11.Connection, seen: bytearray,
-                         first: bool) -> h11.Request | None:
+                         first: bool, client: str) -> h11.Request | None:
+        """The next request head, or None when the connection is over (the client left, or the head
+        was refused and answered here)."""
         timeout = self.hypercorn.read_timeout if first else self.hypercorn.keep_alive_timeout
+        limit = self.hypercorn.h11_max_incomplete_size
         with trio.fail_after(timeout or math.inf):
             while True:
                 try:
                     event = conn.next_event()
                 except h11.RemoteProtocolError as exc:
-                    await _reject(stream, conn, exc)
+                    status = exc.error_status_hint
+                    await _reject(stream, conn, status, CODE_FOR_REFUSAL.get(status, "BAD_REQUEST"),
+                                  "not a valid HTTP/1.1 request head" if status == 400 else None)
                     return None
                 if event is h11.NEED_DATA:
-                    data = await stream.receive_some(RECEIVE_SIZE)
+                    # Never more than one byte past the limit while a head is incomplete.
+                    data = await stream.receive_some(max(1, min(RECEIVE_SIZE, limit + 1 - len(seen))))
                     if not data:
                         return None
                     seen.extend(data)
                     conn.receive_data(data)
                     continue
-                if isinstance(event, h11.Request):
+                if not isinstance(event, h11.Request):
+                    return None
+                refusal = _refusal(event, len(seen) - len(conn.trailing_data[0]), limit)
+                if refusal is None:
                     return event
+                await _reject(stream, conn, *refusal)
+                request = _request_from(event, client)
+                self.metrics.observe_request("edge", request.method, refusal[0], 0.0)
+                log_request(request.method, request.path, request.query, refusal[0], 0.0, client, "edge")
                 return None
+
+
+async def _linger(stream: trio.SocketStream, seconds: float = 1.0, limit: int = 4 * 1024 * 1024) -> None:
+    """Close after an answer the client may still be sending a body behind: end our side first and
+    read (and drop) what is in flight for a moment, so the close does not become a reset that takes
+    the answer with it before the client read it."""
+    drained = 0
+    with trio.move_on_after(seconds):
+        try:
+            await stream.send_eof()
+            while drained <= limit and (data := await stream.receive_some(RECEIVE_SIZE)):
+                drained += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
+def _refusal(event: h11.Request, head_bytes: int, limit: int) -> tuple[int, str, str] | None:
+    """What h11 lets through that this server refuses: (status, code, reason), or None."""
+    if head_bytes > limit:
+        return 431, CODE_FOR_REFUSAL[431], f"the header section is limited to {limit} bytes"
+    if event.http_version not in SUPPORTED_VERSIONS:
+        return 505, CODE_FOR_REFUSAL[505], "HTTP/1.1 only (no HTTP/2 on this listener)"
+    names = {name for name, _ in event.headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        return 400, "BAD_FRAMING", "both Content-Length and Transfer-Encoding"
+    if b"transfer-encoding" in names and event.http_version == b"1.0":  # RFC 9112 §6.1: faulty framing
+        return 400, "BAD_FRAMING", "Transfer-Encoding in an HTTP/1.0 request"
+    return None
 
 
 async def _discard_rest_of_body(stream: trio.SocketStream, conn: h11.Connection,
@@ -305,7 +381,10 @@ async def _discard_rest_of_body(stream: trio.SocketStream, conn: h11.Connection,
     drained = 0
     with trio.move_on_after(timeout):
         while True:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError:
+                return False
             if isinstance(event, h11.EndOfMessage):
                 return True
             if isinstance(event, h11.Data):
@@ -322,18 +401,17 @@ async def _discard_rest_of_body(stream: trio.SocketStream, conn: h11.Connection,
     return False
 
 
-async def _reject(stream: trio.SocketStream, conn: h11.Connection, exc: h11.RemoteProtocolError) -> None:
-    status = exc.error_status_hint
-    body = envelope_bytes("BAD_REQUEST" if status == 400 else "REQUEST_HEADER_FIELDS_TOO_LARGE", None)
+async def _reject(stream: trio.SocketStream, conn: h11.Connection, status: int, code: str,
+                  reason: str | None) -> None:
+    """Answer a refused head in the envelope, in one write, and leave the connection to be closed."""
+    body = envelope_bytes(code, {"reason": reason} if reason else None)
+    head = h11.Response(status_code=status, headers=[(b"content-type", b"application/json"),
+                                                     (b"content-length", str(len(body)).encode()),
+                                                     (b"connection", b"close")])
     try:
-        for piece in conn.send_with_data_passthrough(
-            h11.Response(status_code=status, headers=[(b"content-type", b"application/json"),
-                                                      (b"content-length", str(len(body)).encode()),
-                                                      (b"connection", b"close")])
-        ) or ():
-            await stream.send_all(piece)
-        await stream.send_all(body)
-    except (h11.LocalProtocolError, trio.BrokenResourceError):
+        answer = b"".join(conn.send(event) or b"" for event in (head, h11.Data(data=body), h11.EndOfMessage()))
+        await stream.send_all(answer)
+    except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
 
 

@@ -20,6 +20,8 @@ from typing import TypeVar
 import h11
 import trio
 
+from .outbound import check_request
+
 RECEIVE_SIZE = 256 * 1024
 
 Headers = list[tuple[bytes, bytes]]
@@ -145,7 +147,9 @@ class UpstreamPool:
     ) -> AsyncIterator[UpstreamResponse]:
         """Send a request (streaming `body` if it is an async iterable) and yield the response head;
         the body is read from the response inside the block. The connection returns to the pool only
-        when both messages completed cleanly."""
+        when both messages completed cleanly. A target or header that would not go out as one
+        well-formed request is refused (OutboundRefused, a 400) before anything is sent."""
+        check_request(target, headers)
         connection = await self._connect(host, port)
         response: UpstreamResponse | None = None
         try:

@@ -15,7 +15,9 @@ measurement put most of it in the endpoint, not the network.
   endpoint uses the socket's descriptor directly (gateway/fdio.py) and takes its write lock without
   a checkpoint when no other task holds it.
 Handshakes are parsed by h11 and the accept key computed by wsproto. No extension is ever
-negotiated, so a frame with a reserved bit set is a protocol error (1002)."""
+negotiated, so a frame with a reserved bit set is a protocol error (1002). A close frame is checked
+as RFC 6455 §5.5.1 and §7.4 say: a 1-byte payload or a code no endpoint may send is a protocol error
+(1002), a reason that is not UTF-8 is bad data (1007); so no invalid close is ever relayed on."""
 
 from __future__ import annotations
 
@@ -90,7 +92,30 @@ def encode_frame(opcode: int, payload: bytes, *, mask: bool) -> bytes:
 
 
 def close_payload(code: int, reason: str | None) -> bytes:
-    return code.to_bytes(2, "big") + (reason or "").encode()[:123]
+    """A close frame's payload; the reason is cut to fit 125 bytes on a character boundary."""
+    return code.to_bytes(2, "big") + (reason or "").encode()[:123].decode(errors="ignore").encode()
+
+
+def close_code_allowed(code: int) -> bool:
+    """Whether a peer may send `code` (RFC 6455 §7.4): the defined codes 1000-1003 and 1007-1014,
+    and 3000-4999 (registered and private); never 1004 (reserved), 1005, 1006 or 1015 (local-only)."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def parse_close(payload: bytes) -> CloseReason:
+    """A received close frame's code and reason, or a _Violation saying how it breaks the protocol."""
+    if not payload:
+        return CloseReason(CLOSE_NO_STATUS)
+    if len(payload) == 1:
+        raise _Violation(CLOSE_PROTOCOL, "a close payload of one byte")
+    code = int.from_bytes(payload[:2], "big")
+    if not close_code_allowed(code):
+        raise _Violation(CLOSE_PROTOCOL, f"close code {code} may not be sent")
+    try:
+        reason = payload[2:].decode()
+    except UnicodeDecodeError:
+        raise _Violation(CLOSE_BAD_DATA, "close reason is not UTF-8") from None
+    return CloseReason(code, reason or None)
 
 
 @dataclass(slots=True)
@@ -267,8 +292,8 @@ class WebSocket:
             if self.closed is None:
                 await self._send_frame(OP_PONG, frame.payload)
         elif frame.opcode == OP_CLOSE:
-            code = int.from_bytes(frame.payload[:2], "big") if len(frame.payload) >= 2 else CLOSE_NO_STATUS
-            reason = frame.payload[2:].decode(errors="replace") or None
+            received = parse_close(frame.payload)
+            code, reason = received.code, received.reason
             if self.closed is None:
                 self.closed = CloseReason(code, reason)
                 try:  # answer the close (RFC 6455 §5.5.1)

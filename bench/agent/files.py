@@ -38,7 +38,7 @@ from bench.agent.multipart import (
     PartStart,
     boundary_of,
 )
-from bench.agent.paths import FilesRoot, invalid_path
+from bench.agent.paths import NAME_MAX, FilesRoot, invalid_path
 from bench.agent.ranges import RangeNotSatisfiable, parse_range
 
 TEMP_PREFIX = ".zlh-upload-"
@@ -254,7 +254,10 @@ class StagedFile:
 
     def __init__(self, target: Path) -> None:
         self.target = target
-        self.temp = target.with_name(f"{TEMP_PREFIX}{secrets.token_hex(6)}-{target.name}")
+        prefix = f"{TEMP_PREFIX}{secrets.token_hex(6)}-"
+        # The target's name, cut so the temp name fits NAME_MAX too (a 255-byte name is a legal target).
+        kept = os.fsencode(target.name)[:NAME_MAX - len(prefix)].decode("utf-8", "ignore")
+        self.temp = target.with_name(prefix + kept)
         self.body = BodyFile(-1)
         self._committed = False
 

@@ -8,11 +8,13 @@ or a `WebsocketUpgrade`.
 
 It must never hold a whole body it was not handed as bytes, and never answer with a traceback: an
 `ApiError` becomes the one JSON error envelope `{"error": CODE, "details": ...}`, anything else
-a 500 `INTERNAL`.
+a 500 `INTERNAL` — except a name the filesystem cannot hold (ENAMETOOLONG, EINVAL, EILSEQ, an
+embedded NUL, a lone surrogate), which is the client's doing: 400 `INVALID_PATH`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -39,7 +41,17 @@ DRAIN_LIMIT = 256 << 10
 # Response bodies up to this size leave in one send together with the head.
 INLINE_BODY_LIMIT = 256 << 10
 DRAIN_SECONDS = 2.0
+UNHOLDABLE_NAME_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ})
 LINGER_SECONDS = 1.0
+
+
+def unholdable_name(exc: OSError | ValueError) -> str | None:
+    """Why the filesystem refused a client's name, when that is what `exc` says; None otherwise."""
+    if isinstance(exc, OSError):
+        return os.strerror(exc.errno) if exc.errno in UNHOLDABLE_NAME_ERRNOS and exc.errno else None
+    if isinstance(exc, UnicodeEncodeError):
+        return "name is not valid UTF-8"
+    return "NUL byte in a name" if "embedded null" in str(exc) else None
 
 
 class ApiError(Exception):
@@ -252,6 +264,12 @@ class _Session:
             return None
         except ClientDisconnected:
             raise
+        except (OSError, ValueError) as exc:
+            reason = unholdable_name(exc)
+            if reason is None:
+                traceback.print_exc(file=sys.stderr)
+                return error_response(500, "INTERNAL", None)
+            return error_response(400, "INVALID_PATH", {"reason": reason})
         except Exception:  # noqa: BLE001 - a handler bug is a 500, not a dead connection task
             traceback.print_exc(file=sys.stderr)
             return error_response(500, "INTERNAL", None)

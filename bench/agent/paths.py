@@ -2,7 +2,8 @@
 
 Every file route goes through `FilesRoot.resolve`. It must never hand back a path whose real
 location (symlinks followed) is outside the root: `..`, absolute paths, NUL bytes and symlinks that
-lead out are refused with 400 `INVALID_PATH`.
+lead out are refused with 400 `INVALID_PATH`, and so are names no Linux filesystem can hold (a
+component over 255 bytes, a path over 4096): those would fail later as ENAMETOOLONG.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import os
 from pathlib import Path
 
 from bench.agent.http import ApiError
+
+NAME_MAX = 255  # bytes per component (ext4, xfs, btrfs, tmpfs)
+PATH_MAX = 4096  # bytes, the kernel's limit for a path it is handed
 
 
 def invalid_path(path: str, reason: str) -> ApiError:
@@ -46,4 +50,8 @@ class FilesRoot:
         parts = [part for part in relative.replace("\\", "/").split("/") if part not in ("", ".")]
         if ".." in parts:
             raise invalid_path(relative, "'..' component")
+        if len(os.fsencode(relative)) > PATH_MAX:
+            raise invalid_path(relative[:64] + "…", "path too long")
+        if any(len(os.fsencode(part)) > NAME_MAX for part in parts):
+            raise invalid_path(relative[:64] + "…", "name too long")
         return parts

@@ -168,6 +168,29 @@ async def test_paths_outside_the_files_root_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.trio
+async def test_names_no_filesystem_can_hold_are_400_not_500(tmp_path: Path) -> None:
+    """A 5,000-byte component, a path past PATH_MAX, a lone surrogate: the client's doing, so 400."""
+    async with running_agent(tmp_path) as agent:
+        for path in ["n" * 5000, "a/" * 2100, "ok/" + "é" * 128]:  # 256 bytes in the last name
+            for method, route in [("GET", "/files/download"), ("GET", "/files"),
+                                  ("PUT", "/files/upload"), ("DELETE", "/files"), ("GET", "/files/content")]:
+                response = await agent.client.request(method, route, params={"path": path},
+                                                      content=b"x" if method == "PUT" else None)
+                assert response.status_code == 400, (method, route, len(path))
+                assert response.json()["error"] == "INVALID_PATH"
+            for route, body in [("/files/mkdir", {"path": path}), ("/files/rename", {"from": "x", "to": path}),
+                                ("/files/content", {"path": path, "content": ""})]:
+                method = "PUT" if route == "/files/content" else "POST"
+                response = await agent.client.request(method, route, json=body)
+                assert response.status_code == 400, (route, len(path))
+        surrogate = await agent.client.put("/files/content", content=b'{"path": "\\ud800", "content": ""}',
+                                           headers={"content-type": "application/json"})
+        assert surrogate.status_code == 400 and surrogate.json()["error"] == "INVALID_PATH"
+        longest = await agent.client.put("/files/upload", params={"path": "d/" + "n" * 255}, content=b"fits")
+        assert longest.status_code == 201  # 255 bytes is a name the filesystem holds
+
+
+@pytest.mark.trio
 async def test_text_content_edit_rename_mkdir_delete(tmp_path: Path) -> None:
     async with running_agent(tmp_path) as agent:
         written = await agent.client.put("/files/content",

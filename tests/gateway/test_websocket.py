@@ -25,6 +25,7 @@ from gateway.websocket import (
     HandshakeFailed,
     WebSocket,
     accept,
+    close_payload,
     connect,
     encode_frame,
 )
@@ -129,6 +130,53 @@ async def test_a_broken_protocol_closes_with_its_code(nursery: trio.Nursery, bad
         assert closed.value.reason.code == code
         opcode, payload = await read_frame(client, bytearray())
         assert (opcode, int.from_bytes(payload[:2], "big")) == (OP_CLOSE, code)
+
+
+def close_frame(code: int, reason: bytes = b"") -> bytes:
+    return frame(OP_CLOSE, code.to_bytes(2, "big") + reason)
+
+
+@pytest.mark.parametrize(("bad", "code"), [
+    (frame(OP_CLOSE, b"\x03"), 1002),  # a 1-byte payload: half a code
+    *[(close_frame(invalid), 1002) for invalid in (0, 999, 1004, 1005, 1006, 1015, 1016, 2000, 2999, 5000, 65535)],
+    (close_frame(1000, b"\xff\xfe"), 1007),
+    (close_frame(4000, "✓".encode()[:2]), 1007),  # a reason cut inside a character
+])
+async def test_an_invalid_close_frame_closes_with_its_code(nursery: trio.Nursery, bad: bytes, code: int) -> None:
+    async with server_endpoint(nursery) as (client, accepted):
+        websocket = await accepted.receive()
+        await websocket.get_message()
+        await client.send_all(bad)
+        with pytest.raises(ConnectionClosed) as closed:
+            await websocket.get_message()
+        assert closed.value.reason.code == code
+        opcode, payload = await read_frame(client, bytearray())
+        assert (opcode, int.from_bytes(payload[:2], "big")) == (OP_CLOSE, code)
+        assert await client.receive_some(1) == b""  # and the connection is closed
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1003, 1007, 1011, 1014, 3000, 4999])
+async def test_a_valid_close_code_is_echoed(nursery: trio.Nursery, code: int) -> None:
+    async with server_endpoint(nursery) as (client, accepted):
+        websocket = await accepted.receive()
+        await websocket.get_message()
+        await client.send_all(close_frame(code, "fin ✓".encode()))
+        with pytest.raises(ConnectionClosed) as closed:
+            await websocket.get_message()
+        assert (closed.value.reason.code, closed.value.reason.reason) == (code, "fin ✓")
+        assert await read_frame(client, bytearray()) == (OP_CLOSE, code.to_bytes(2, "big"))
+
+
+async def test_an_empty_close_is_answered_empty_and_a_long_reason_cut_on_a_character(nursery: trio.Nursery) -> None:
+    assert close_payload(1000, "✓" * 60) == (1000).to_bytes(2, "big") + "✓".encode() * 41  # 123 bytes max
+    async with server_endpoint(nursery) as (client, accepted):
+        websocket = await accepted.receive()
+        await websocket.get_message()
+        await client.send_all(frame(OP_CLOSE, b""))
+        with pytest.raises(ConnectionClosed) as closed:
+            await websocket.get_message()
+        assert closed.value.reason.code == 1005
+        assert await read_frame(client, bytearray()) == (OP_CLOSE, b"")
 
 
 async def test_a_close_frame_is_answered_and_reported(nursery: trio.Nursery) -> None:
