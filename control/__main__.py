@@ -16,7 +16,7 @@ from storage import users
 from storage.migrations import migrate
 
 from .app import open_store, prepare_storage, run_gateway
-from .auth.passwords import hash_password
+from .auth.passwords import HashCost, hash_password
 from .config import Settings
 
 
@@ -45,7 +45,7 @@ async def _create_admin(settings: Settings, email: str, password: str) -> None:
     store = open_store(settings)
     try:
         await prepare_storage(settings, store)
-        password_hash = await hash_password(password, settings.scrypt_n)
+        password_hash = await hash_password(password, HashCost.from_settings(settings))
 
         def create() -> str:
             existing = users.user_by_email(email)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.console import ConsoleLimits
+from gateway.forwarded import trusted_networks
 
 DEFAULT_PLANS: list[dict[str, Any]] = [
     {"name": "free", "max_game_servers": 1, "max_dev_servers": 1, "max_cpu_cores": 2,
@@ -38,10 +39,16 @@ class Settings:
     ide_token_ttl: int = 300
     console_token_ttl: int = 300
     password_reset_ttl: int = 1800
-    scrypt_n: int = 2**15
+    # Password hashing, argon2id (control/auth/passwords.py): RFC 9106's second recommended option.
+    argon2_time_cost: int = 3
+    argon2_memory_kib: int = 64 * 1024
+    argon2_parallelism: int = 4
     login_limit_per_account: int = 10
     login_limit_per_address: int = 50
     rate_limit_window: int = 300
+    # Reverse proxies (CIDRs) whose X-Forwarded-For / Forwarded name the client (gateway/forwarded.py);
+    # empty: the TCP peer is the client. Rate limits and access logs key on that address.
+    trusted_proxies: list[str] = field(default_factory=list)
     public_url: str = ""
     ide_domain: str = "ide.localhost"
     dev_ide_return_hosted_url: bool = False
@@ -156,6 +163,8 @@ class Settings:
         if env.get("ZLH_BIND"):
             s.bind = [b.strip() for b in env["ZLH_BIND"].split(",") if b.strip()]
         s.log_level = env.get("ZLH_LOG_LEVEL", s.log_level)
+        if env.get("ZLH_TRUSTED_PROXIES"):
+            s.trusted_proxies = [c.strip() for c in env["ZLH_TRUSTED_PROXIES"].split(",") if c.strip()]
         s.stripe_secret_key = env.get("STRIPE_SECRET_KEY", "")
         s.stripe_webhook_secret = env.get("STRIPE_WEBHOOK_SECRET", "")
         s.stripe_api_base = env.get("STRIPE_API_BASE", "")
@@ -174,8 +183,10 @@ class Settings:
         if env.get("ZLH_CONSOLE_COMMANDS_PER_SECOND"):
             rate = float(env["ZLH_CONSOLE_COMMANDS_PER_SECOND"])
             s.console_limits = ConsoleLimits(commands_per_second=rate, command_burst=max(1, int(rate * 4)))
-        if env.get("ZLH_SCRYPT_N"):
-            s.scrypt_n = int(env["ZLH_SCRYPT_N"])
+        for key, attr in (("ZLH_ARGON2_TIME_COST", "argon2_time_cost"), ("ZLH_ARGON2_MEMORY_KIB", "argon2_memory_kib"),
+                          ("ZLH_ARGON2_PARALLELISM", "argon2_parallelism")):
+            if env.get(key):
+                setattr(s, attr, int(env[key]))
         s.job_lease_ttl = float(env.get("ZLH_JOB_LEASE_TTL", s.job_lease_ttl))
         s.job_max_attempts = int(env.get("ZLH_JOB_MAX_ATTEMPTS", s.job_max_attempts))
         s.artifact_max_bytes = int(env.get("ZLH_ARTIFACT_MAX_BYTES", s.artifact_max_bytes))
@@ -201,8 +212,12 @@ class Settings:
             self.jwt_secret = _persistent_secret(self.data_dir / "jwt.secret")
         if len(self.jwt_secret.encode()) < 32:
             raise ConfigError("JWT_SECRET must be at least 32 bytes")
-        if self.scrypt_n < 2 or self.scrypt_n & (self.scrypt_n - 1):
-            raise ConfigError("scrypt N must be a power of two")
+        if self.argon2_time_cost < 1 or self.argon2_parallelism < 1 or self.argon2_memory_kib < 8 * self.argon2_parallelism:
+            raise ConfigError("argon2: time cost and parallelism >= 1, memory >= 8 KiB per lane")
+        try:
+            trusted_networks(tuple(self.trusted_proxies))
+        except ValueError as exc:
+            raise ConfigError(f"ZLH_TRUSTED_PROXIES: {exc}") from None
         if not self.replica_id:
             self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         if self.cluster not in ("auto", "on", "off"):

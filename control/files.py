@@ -29,7 +29,20 @@ from .services import Services
 
 FILE_MOUNTS = ("/api/game/servers", "/api/servers")
 
-FilePath = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=4096)]
+MAX_PATH_BYTES, MAX_NAME_BYTES = 4095, 255  # what a Linux filesystem holds (PATH_MAX - 1, NAME_MAX)
+
+
+def holdable_path(path: str) -> str:
+    """Refuse (ValueError) a path no filesystem can hold, before it reaches an agent."""
+    if "\x00" in path or len(path.encode()) > MAX_PATH_BYTES:
+        raise ValueError(f"path must be at most {MAX_PATH_BYTES} bytes, without NUL")
+    if any(len(part.encode()) > MAX_NAME_BYTES for part in path.split("/")):
+        raise ValueError(f"each path component must be at most {MAX_NAME_BYTES} bytes")
+    return path
+
+
+FilePath = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=4096),
+                     pydantic.AfterValidator(holdable_path)]
 
 
 class WriteContent(Body):
@@ -67,7 +80,10 @@ def _path_param(ctx: Ctx, required: bool = True) -> dict[str, str]:
         if required:
             raise ApiError(400, "VALIDATION_FAILED", [{"field": "path", "message": "query parameter required"}])
         return {}
-    return {"path": path}
+    try:
+        return {"path": holdable_path(path)}
+    except ValueError as exc:
+        raise ApiError(400, "VALIDATION_FAILED", [{"field": "path", "message": str(exc)}]) from None
 
 
 async def _forward(ctx: Ctx, server_id: int, method: str, agent_path: str, *, json_body: Any = None,

@@ -52,7 +52,7 @@ def routes() -> list[Route]:
         Route("GET", f"{J}/jobs/<int:job_id>/artifacts", artifacts.list_artifacts, "A job's artifacts", auth=ANY,
               tags=TAGS),
         Route("GET", f"{J}/jobs/<int:job_id>/artifacts/<name>", artifacts.download_artifact,
-              "Download one artifact (streamed)", auth=ANY, tags=TAGS),
+              "Download one artifact (streamed)", auth=ANY, tags=TAGS, content_type="application/octet-stream"),
         # Agents
         Route("POST", f"{J}/agents", operations.create_agent, "Register a runner; its token is shown once",
               auth=ADMIN, body=operations.CreateAgentBody, status=201, tags=TAGS),
@@ -85,7 +85,8 @@ def routes() -> list[Route]:
         Route("GET", f"{J}/projects/<int:project_id>", projects.get_project, "One project", tags=TAGS),
         Route("DELETE", f"{J}/projects/<int:project_id>", projects.delete_project, "Delete a project", status=204,
               tags=TAGS),
-        Route("GET", f"{J}/projects/<int:project_id>/icon", projects.project_icon, "The project's icon", tags=TAGS),
+        Route("GET", f"{J}/projects/<int:project_id>/icon", projects.project_icon, "The project's icon", tags=TAGS,
+              content_type="image/*"),
         Route("POST", f"{J}/projects/<int:project_id>/reload", projects.reload_project,
               "Re-read and re-validate the project's YAML", tags=TAGS),
         # Pipelines
