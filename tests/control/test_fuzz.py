@@ -14,6 +14,8 @@ Not fuzzed (genuinely unfuzzable as generated requests, each covered by its own 
 - as admin only, provisioning (`POST /api/instances`, `POST /api/v1/environments`): admins have no
   plan limit, so every valid example would start one more real agent process; the regular user's
   run fuzzes both within the free plan's limits.
+One worker: with several, hypothesis's lambda-source cache (shared between threads) fails now and then
+with "AST constructor recursion depth mismatch", an error of the tool, not of the gateway.
 The coverage phase skips methods a path does not declare (one generic 405, tests/control/test_errors.py)."""
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ MAX_EXAMPLES = 4  # fuzzing phase, per operation; the coverage phase adds its bo
 UNFUZZABLE = ("^(get_api_servers_server_id_console|(put|post)_api_(game_)?servers_server_id_files_upload"
               "|patch_api_(game_)?servers_server_id_files_uploads_upload_id|post_api_v1_jobs_job_id_artifacts"
               "|server_restart)(_at_.*)?$")
-ADMIN_UNFUZZABLE = "^(create_instance|create_environment)$"
+ADMIN_UNFUZZABLE = UNFUZZABLE + "|^(create_instance|create_environment)$"
 CONFIG = "[phases.coverage]\nunexpected-methods = []\n"
 
 
@@ -65,15 +67,15 @@ def settings(settings: Settings, fake_stripe: FakeStripe) -> Settings:
     return settings
 
 
-async def fuzz(gateway: Gateway, session: dict, report: Path, *excluded: str) -> tuple[int, str]:
+async def fuzz(gateway: Gateway, session: dict, report: Path, excluded: str = UNFUZZABLE) -> tuple[int, str]:
     config = report.parent / "schemathesis.toml"
     config.write_text(CONFIG)
     command = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run",
                f"{gateway.url}/openapi.json", "--checks", "not_a_server_error", "--max-examples", str(MAX_EXAMPLES),
-               "--seed", "16", "--phases", "coverage,fuzzing", "--workers", "4", "--request-timeout", "20",
+               "--seed", "16", "--phases", "coverage,fuzzing", "--workers", "1", "--request-timeout", "20",
                "--suppress-health-check", "all", "--no-shrink", "--output-truncate", "true",
                "--header", f"Authorization: Bearer {session['accessToken']}",
-               *[arg for regex in (UNFUZZABLE, *excluded) for arg in ("--exclude-operation-id-regex", regex)],
+               "--exclude-operation-id-regex", excluded,  # one option: a second one would replace the first
                "--report", "junit", "--report-junit-path", str(report)]
     env = {**os.environ, "NO_COLOR": "1"}
     result = await trio.run_process(command, capture_stdout=True, stderr=subprocess.STDOUT, check=False,
