@@ -83,6 +83,8 @@ async def test_ids_and_pages_out_of_range(gateway: Gateway, log: io.StringIO) ->
                          ("POST", f"/api/servers/{MAX_ID + 1}/start")):
         assert_envelope(await c.request(method, path, headers=auth), 404)
     assert_envelope(await c.get(f"/api/servers/{MAX_ID}", headers=auth), 404, "SERVER_NOT_FOUND")  # in range: looked up
+    ide = await c.get(f"/__ide/{10**17}/", headers=auth)
+    assert 400 <= ide.status_code < 500, ide.text
     for query in (f"page={huge}", f"page={2**63}", "page=\u00b2", "pageSize=0", f"pageSize={huge}"):
         response = await c.get(f"/api/v1/environments?{query}", headers=auth)
         assert response.status_code == 400, (query, response.text)
