@@ -308,7 +308,7 @@ def parse_page(query: dict[str, str]) -> tuple[int, int]:
             continue
         value = parse_int(raw, 1, high or MAX_PAGE)
         if value is None:
-            bound = f"between 1 and {high}" if high else f"a positive integer up to {MAX_PAGE}"
+            bound = f"between 1 and {high}" if high else "a positive integer"
             raise invalid(f"{name} must be {bound}")
         numbers[name] = value
     return numbers["page"], numbers["pageSize"]
@@ -320,8 +320,8 @@ async def read_json() -> Any:
     raw = await request.get_data(as_text=False)
     try:
         return decode_json(raw)
-    except JsonRefused as exc:
-        raise invalid(f"request body is not valid JSON: {exc.reason}") from None
+    except JsonRefused:  # the seed's own message, whatever the reason
+        raise invalid("request body is not valid JSON") from None
 
 
 # --- workspace settings (secrets) -----------------------------------------------------------------
