@@ -8,7 +8,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,7 +182,7 @@ async def parse_body(model: type[pydantic.BaseModel]) -> pydantic.BaseModel:
         raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", {"expected": "application/json"})
     raw = await request.get_data(as_text=False, cache=True)
     try:
-        data = decode_json(raw)
+        data = decode_json(raw if isinstance(raw, bytes) else raw.encode())
     except JsonRefused as exc:
         raise ApiError(400, "INVALID_JSON", {"reason": exc.reason, **exc.where}) from None
     if not isinstance(data, dict):
@@ -271,7 +271,7 @@ def authenticate(services: Services, headers: Any) -> CurrentUser:
     return CurrentUser(int(claims["sub"]), claims.get("role", "user"), claims.get("fam"))
 
 
-def client_address(services: Services, scope: dict[str, Any], headers: Any) -> str:
+def client_address(services: Services, scope: Mapping[str, Any], headers: Any) -> str:
     """The client's IP address: the TCP peer, or the client a trusted proxy names (gateway/forwarded.py)."""
     peer = scope.get("client")
     trusted = trusted_networks(tuple(services.settings.trusted_proxies))
