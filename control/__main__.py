@@ -18,7 +18,7 @@ from storage.migrations import migrate
 
 from . import cli
 from .app import hypercorn_config, open_store, prepare_storage, run_gateway
-from .auth.passwords import hash_password
+from .auth.passwords import HashCost, hash_password
 from .config import ConfigError, Settings, bind_for
 
 
@@ -51,7 +51,7 @@ async def _create_admin(settings: Settings, email: str, password: str) -> None:
     store = open_store(settings)
     try:
         await prepare_storage(settings, store)
-        password_hash = await hash_password(password, settings.scrypt_n)
+        password_hash = await hash_password(password, HashCost.from_settings(settings))
 
         def create() -> str:
             existing = users.user_by_email(email)

@@ -24,6 +24,7 @@ from gateway.agent_http import SmallCallPool
 from gateway.asgi import asgi_handler
 from gateway.console import ConsoleRelay
 from gateway.dataplane import DataRoute, FileStreams, path_router
+from gateway.forwarded import trusted_networks
 from gateway.ide_proxy import IDE_METHODS, IDE_PATH
 from gateway.metrics import Metrics
 from gateway.poller import Poller
@@ -36,7 +37,15 @@ from storage.db import Store, connect_database
 from storage.migrations import migrate
 
 from . import billing, cluster, console, dev, environments, files, instances, jobs, ops, servers
-from .api import AccessLog, Route, install_error_handlers, make_view, openapi_document
+from .api import (
+    ID_DIGITS,
+    AccessLog,
+    Route,
+    install_error_handlers,
+    install_url_converters,
+    make_view,
+    openapi_document,
+)
 from .auth import routes as auth
 from .auth.tokens import TokenService
 from .config import Settings
@@ -66,7 +75,8 @@ def control_routes() -> list[Route]:
         Route("GET", "/live", ops.live, "Liveness: the process answers", auth=OPEN, tags=("ops",)),
         Route("GET", "/", ops.service_info, "What this service is, and where its APIs live", auth=OPEN,
               tags=("ops",)),
-        Route("GET", "/metrics", ops.metrics, "Prometheus metrics (text exposition)", auth=OPEN, tags=("ops",)),
+        Route("GET", "/metrics", ops.metrics, "Prometheus metrics (text exposition)", auth=OPEN, tags=("ops",),
+              content_type="text/plain"),
         Route("GET", "/openapi.json", ops.openapi, "This document", auth=OPEN, tags=("ops",)),
         Route("GET", "/api/edge/prometheus-sd", prometheus_sd.service_discovery,
               "Prometheus http_sd targets: each published agent's metrics endpoint with labels "
@@ -220,6 +230,7 @@ def background_services(services: Services) -> list[Callable[..., Any]]:
             once(billing.BillingScheduler(services.billing, services.mailer, services.settings.billing_interval,
                                           services.running).run),
             once(jobs.lease_reaper(services)), jobs.updates.restart_service(services),
+            once(auth.rate_limit_pruner(services)),
             services.ide_activity.run,
             services.environments.run]
 
@@ -229,7 +240,7 @@ def _here(service: Callable[..., Any]) -> Callable[..., Any]:
     return service
 
 
-FILES_PREFIX = r"^/api/(?:game/)?servers/(?P<id>\d+)/files/"
+FILES_PREFIX = rf"^/api/(?:game/)?servers/(?P<id>{ID_DIGITS})/files/"
 
 
 def data_plane_router(services: Services) -> Callable[[Request], Any]:
@@ -242,12 +253,12 @@ def data_plane_router(services: Services) -> Callable[[Request], Any]:
         DataRoute(frozenset({"PATCH"}), re.compile(FILES_PREFIX + r"uploads/(?P<upload>[A-Za-z0-9_-]{1,128})$"),
                   streams.upload_chunk, "files.upload_chunk"),
         DataRoute(frozenset({"GET"}),
-                  re.compile(r"^/api/game/servers/(?P<id>\d+)/backups/(?P<backup>[A-Za-z0-9_.-]{1,128})/download$"),
+                  re.compile(rf"^/api/game/servers/(?P<id>{ID_DIGITS})/backups/(?P<backup>[A-Za-z0-9_.-]{{1,128}})/download$"),
                   streams.backup_download, "backups.download"),
-        DataRoute(frozenset({"GET"}), re.compile(r"^/api/servers/(?P<id>\d+)/console$"), services.consoles.handle,
+        DataRoute(frozenset({"GET"}), re.compile(rf"^/api/servers/(?P<id>{ID_DIGITS})/console$"), services.consoles.handle,
                   "console", websocket=True),
         DataRoute(IDE_METHODS, IDE_PATH, ide.handle_path, "ide.path"),
-        DataRoute(frozenset({"POST"}), re.compile(r"^/api/v1/jobs/(?P<job_id>\d+)/artifacts$"),
+        DataRoute(frozenset({"POST"}), re.compile(rf"^/api/v1/jobs/(?P<job_id>{ID_DIGITS})/artifacts$"),
                   jobs.artifacts.artifact_upload_handler(services), "jobs.artifact_upload"),
     ]
     return path_router(routes, host_route=ide.host_route)
@@ -272,6 +283,7 @@ def create_app(services: Services, routes: list[Route]) -> QuartTrio:
     app.config["RESPONSE_TIMEOUT"] = 60
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    install_url_converters(app)
     for route in routes:
         if route.data_plane:
             continue
@@ -369,7 +381,8 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
                     await ensure_demo(services)
                 if services.cluster is not None:
                     nursery.start_soon(_drain_on_shutdown, shutdown, services.cluster)
-                front = FrontServer(data_plane_router(services), asgi_handler(logged_app), config, metrics)
+                front = FrontServer(data_plane_router(services), asgi_handler(logged_app), config, metrics,
+                                    trusted_proxies=trusted_networks(tuple(settings.trusted_proxies)))
                 async with trio.open_nursery() as server:
                     binds = await server.start(front.serve, shutdown)
                     services.running.add("server")

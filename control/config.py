@@ -32,6 +32,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import to_jsonable_python
 
 from gateway.console import ConsoleLimits
+from gateway.forwarded import trusted_networks
 
 log = logging.getLogger("zlh.config")
 
@@ -123,12 +124,19 @@ class Settings(BaseModel):
     ide_token_ttl: int = setting(300, "ZLH_IDE_TOKEN_TTL", "seconds an IDE link token is valid")
     console_token_ttl: int = setting(300, "ZLH_CONSOLE_TOKEN_TTL", "seconds a console token is valid")
     password_reset_ttl: int = setting(1800, "ZLH_PASSWORD_RESET_TTL", "seconds a password-reset token is valid")
-    scrypt_n: int = setting(2**15, "ZLH_SCRYPT_N", "scrypt cost of password hashes (a power of two)")
+    # Password hashing, argon2id (control/auth/passwords.py): RFC 9106's second recommended option.
+    argon2_time_cost: int = setting(3, "ZLH_ARGON2_TIME_COST", "argon2id passes of a password hash")
+    argon2_memory_kib: int = setting(64 * 1024, "ZLH_ARGON2_MEMORY_KIB", "argon2id memory of a password hash (KiB)")
+    argon2_parallelism: int = setting(4, "ZLH_ARGON2_PARALLELISM", "argon2id lanes of a password hash")
     login_limit_per_account: int = setting(10, "ZLH_LOGIN_LIMIT_PER_ACCOUNT",
                                            "failed logins per account within the rate-limit window")
     login_limit_per_address: int = setting(50, "ZLH_LOGIN_LIMIT_PER_ADDRESS",
                                            "failed logins per client address within the rate-limit window")
     rate_limit_window: int = setting(300, "ZLH_RATE_LIMIT_WINDOW", "seconds of the login rate-limit window")
+    trusted_proxies: CommaList = setting(
+        env="ZLH_TRUSTED_PROXIES", default_factory=list,
+        doc="reverse proxies (CIDRs) whose X-Forwarded-For / Forwarded name the client; empty: the TCP peer is the "
+            "client. Rate limits and access logs key on that address")
     public_url: str = setting("", "PUBLIC_URL", "the gateway's public URL; `https://…` makes IDE cookies Secure")
     ide_domain: str = setting("ide.localhost", "IDE_DOMAIN", "hosted IDEs answer on `dev-<id>.<IDE_DOMAIN>`")
     dev_ide_return_hosted_url: bool = setting(False, "DEV_IDE_RETURN_HOSTED_URL",
@@ -288,8 +296,13 @@ class Settings(BaseModel):
             self.jwt_secret = _persistent_secret(self.data_dir / "jwt.secret")
         if len(self.jwt_secret.encode()) < 32:
             raise ConfigError("JWT_SECRET must be at least 32 bytes")
-        if self.scrypt_n < 2 or self.scrypt_n & (self.scrypt_n - 1):
-            raise ConfigError("ZLH_SCRYPT_N must be a power of two")
+        if (self.argon2_time_cost < 1 or self.argon2_parallelism < 1
+                or self.argon2_memory_kib < 8 * self.argon2_parallelism):
+            raise ConfigError("argon2: time cost and parallelism >= 1, memory >= 8 KiB per lane")
+        try:
+            trusted_networks(tuple(self.trusted_proxies))
+        except ValueError as exc:
+            raise ConfigError(f"ZLH_TRUSTED_PROXIES: {exc}") from None
         if self.console_commands_per_second is not None:
             rate = self.console_commands_per_second
             self.console_limits = ConsoleLimits(**{**self.console_limits.__dict__, "commands_per_second": rate,

@@ -11,7 +11,7 @@ from pathlib import Path
 from storage import instances as store_instances
 from storage import users
 
-from .auth.passwords import hash_password
+from .auth.passwords import HashCost, hash_password
 from .instances import CreateInstance, provision_instance
 from .services import Services
 
@@ -33,7 +33,7 @@ async def ensure_demo(services: Services) -> Path:
     password = path.read_text().strip()
     user = await services.store.run(users.user_by_email, DEMO_EMAIL)
     if user is None:
-        password_hash = await hash_password(password, services.settings.scrypt_n)
+        password_hash = await hash_password(password, HashCost.from_settings(services.settings))
         user = await services.store.run(users.create_user, DEMO_EMAIL, password_hash, "user", "pro")
     existing = await services.store.run(store_instances.list_instances, user.id)
     kinds = {instance.kind for instance in existing}

@@ -76,7 +76,7 @@ from storage.dev import IdeActivity
 from storage.environments import ActivitySnapshot, Environment
 
 from .access import may_access
-from .api import Ctx, Route, authenticate, json_response
+from .api import Ctx, JsonRefused, Route, authenticate, decode_json, json_response, parse_int
 from .dev import CODESERVER_TIMEOUT, LIVE_AFTER_INTERVALS, ide_url
 from .instances import CreateInstance, InstancePayload, check_plan_limits
 from .jobs.sealing import SecretBox, SecretUnreadable
@@ -296,6 +296,9 @@ def parse_activity(data: Any, environment_id: str) -> ActivityReport:
                                            counts["activeIDEConnections"], counts["activeSSHConnections"]), timestamp)
 
 
+MAX_PAGE = 2**31 - 1  # page * pageSize stays a valid SQL OFFSET on SQLite and PostgreSQL
+
+
 def parse_page(query: dict[str, str]) -> tuple[int, int]:
     numbers: dict[str, int] = {}
     for name, default, high in (("page", 1, None), ("pageSize", PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX)):
@@ -303,10 +306,11 @@ def parse_page(query: dict[str, str]) -> tuple[int, int]:
         if raw is None or raw == "":
             numbers[name] = default
             continue
-        if not raw.isdigit() or int(raw) < 1 or (high is not None and int(raw) > high):
+        value = parse_int(raw, 1, high or MAX_PAGE)
+        if value is None:
             bound = f"between 1 and {high}" if high else "a positive integer"
             raise invalid(f"{name} must be {bound}")
-        numbers[name] = int(raw)
+        numbers[name] = value
     return numbers["page"], numbers["pageSize"]
 
 
@@ -315,8 +319,8 @@ async def read_json() -> Any:
         raise invalid("Content-Type must be application/json")
     raw = await request.get_data(as_text=False)
     try:
-        return json.loads(raw) if raw.strip() else None
-    except ValueError:  # UnicodeDecodeError and JSONDecodeError alike
+        return decode_json(raw)
+    except JsonRefused:  # the seed's own message, whatever the reason
         raise invalid("request body is not valid JSON") from None
 
 

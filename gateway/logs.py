@@ -96,7 +96,8 @@ def configure_logging(level: str = "INFO", stream: Any = None) -> None:
 
 
 def log_request(
-    method: str, path: str, query: str, status: int, duration: float, client: str | None, route: str
+    method: str, path: str, query: str, status: int, duration: float, client: str | None, route: str,
+    peer: str | None = None,
 ) -> None:
     access_log.info(
         "request",
@@ -108,6 +109,7 @@ def log_request(
                 "status": status,
                 "durationMs": round(duration * 1000, 2),
                 "client": client,
+                **({"peer": peer} if peer and peer != client else {}),
                 "route": route,
             }
         },

@@ -44,6 +44,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 
 from .errors import ApiError, envelope_bytes
+from .forwarded import Network, header_pairs, real_client
 from .logs import log_request
 from .metrics import Metrics
 
@@ -208,6 +209,7 @@ class FrontServer:
     control: Handler  # serves every request the data plane does not own (gateway/asgi.py)
     hypercorn: HypercornConfig
     metrics: Metrics
+    trusted_proxies: tuple[Network, ...] = ()  # the access log names the client behind these (gateway/forwarded.py)
     _idle: set[trio.CancelScope] = field(default_factory=set)
     _closing: bool = False
 
@@ -301,7 +303,8 @@ class FrontServer:
                     duration = time.perf_counter() - started
                     self.metrics.observe_request(route, request.method, exchange.status or 499, duration)
                     log_request(request.method, request.path, request.query, exchange.status or 499, duration,
-                                client, route)
+                                real_client(client, header_pairs(request.headers), self.trusted_proxies), route,
+                                peer=client)
             if exchange.upgraded or conn.our_state is h11.MUST_CLOSE:
                 return
             if conn.their_state is h11.SEND_BODY and not await _discard_rest_of_body(stream, conn):

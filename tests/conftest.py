@@ -54,7 +54,9 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         data_dir=tmp_path / "data",
         database_url=database_url,
         jwt_secret=TEST_SECRET,
-        scrypt_n=1024,
+        argon2_time_cost=1,  # cheap hashing keeps the suite fast; the parameters, not the cost, are tested
+        argon2_memory_kib=64,
+        argon2_parallelism=1,
         bind=["127.0.0.1:0"],
         hypercorn_config=Path(__file__).parent.parent / "hypercorn.toml",
         poll_interval=0.5,

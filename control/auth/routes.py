@@ -5,10 +5,12 @@ login (a revoked family) also ends the IDE sessions opened from it, on every rep
 from __future__ import annotations
 
 import secrets
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
 import pydantic
+import trio
 
 from gateway.errors import ApiError
 from storage import ratelimit, users
@@ -18,11 +20,13 @@ from storage.clock import utcnow
 from ..api import Body, Ctx
 from ..cluster import revoke_ide_sessions
 from ..services import Services
-from .passwords import hash_password, verify_password
+from .passwords import HashCost, check_password, hash_password
 from .tokens import TokenKind, token_hash
 
-Email = pydantic.constr(strip_whitespace=True, min_length=3, max_length=320,
-                        pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# One email rule for register, login and reset: an address can hold no whitespace or control
+# character, and is at most 254 characters (RFC 5321's path limit; the column holds it on PostgreSQL).
+Email = pydantic.constr(strip_whitespace=True, min_length=3, max_length=254,
+                        pattern=r"^[^@\s\x00-\x1f\x7f-\x9f]+@[^@\s\x00-\x1f\x7f-\x9f]+\.[^@\s\x00-\x1f\x7f-\x9f.]+$")
 Password = pydantic.constr(min_length=8, max_length=256)
 
 
@@ -32,7 +36,7 @@ class Credentials(Body):
 
 
 class LoginBody(Body):
-    email: pydantic.constr(min_length=1, max_length=320)  # type: ignore[valid-type]
+    email: Email  # type: ignore[valid-type]
     password: pydantic.constr(min_length=1, max_length=256)  # type: ignore[valid-type]
 
 
@@ -41,7 +45,7 @@ class RefreshBody(Body):
 
 
 class ResetRequestBody(Body):
-    email: pydantic.constr(min_length=1, max_length=320)  # type: ignore[valid-type]
+    email: Email  # type: ignore[valid-type]
 
 
 class ResetConfirmBody(Body):
@@ -54,10 +58,6 @@ USER_SCHEMA = {"type": "object", "properties": {"id": {"type": "integer"}, "emai
 SESSION_SCHEMA = {"type": "object", "properties": {
     "accessToken": {"type": "string"}, "refreshToken": {"type": "string"},
     "expiresIn": {"type": "integer"}, "user": USER_SCHEMA}}
-
-# Verified when the account does not exist, so a login answers in the same time either way.
-_DUMMY_HASH = "scrypt$1024$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
-
 
 def user_json(user: Any) -> dict[str, Any]:
     return {"id": user.id, "email": user.email, "role": user.role, "plan": user.plan}
@@ -72,6 +72,19 @@ async def _limit(services: Services, *keys: tuple[str, int]) -> None:
     retry = await services.store.run(count)
     if retry:
         raise ApiError(429, "RATE_LIMITED", {"retryAfter": retry}, headers={"Retry-After": str(retry)})
+
+
+def rate_limit_pruner(services: Services) -> Callable[..., Awaitable[None]]:
+    """Background service (once per fleet): delete lapsed rate-limit buckets every window."""
+
+    async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        window = services.settings.rate_limit_window
+        task_status.started()
+        while True:
+            await trio.sleep(window)
+            await services.store.run(ratelimit.prune, window)
+
+    return run
 
 
 async def issue_session(services: Services, user: Any, family_id: str | None = None) -> dict[str, Any]:
@@ -97,7 +110,7 @@ async def issue_session(services: Services, user: Any, family_id: str | None = N
 async def register(ctx: Ctx) -> tuple[dict[str, Any], int]:
     body: Credentials = ctx.body
     await _limit(ctx.services, (f"register:ip:{ctx.client}", ctx.services.settings.login_limit_per_address))
-    password_hash = await hash_password(body.password, ctx.services.settings.scrypt_n)
+    password_hash = await hash_password(body.password, HashCost.from_settings(ctx.services.settings))
 
     def create() -> Any:
         user = users.create_user(body.email, password_hash, plan=ctx.services.settings.default_plan)
@@ -118,10 +131,18 @@ async def login(ctx: Ctx) -> dict[str, Any]:
     await _limit(ctx.services, (f"login:acct:{email}", settings.login_limit_per_account),
                  (f"login:ip:{ctx.client}", settings.login_limit_per_address))
     user = await ctx.services.store.run(users.user_by_email, email)
-    valid = await verify_password(body.password, user.password_hash if user else _DUMMY_HASH)
-    if user is None or not valid or user.disabled_at is not None:
+    # An unknown email costs the same as a wrong password (the dummy hash has the real parameters).
+    check = await check_password(body.password, user.password_hash if user else None,
+                                 HashCost.from_settings(settings))
+    if user is None or not check.valid or user.disabled_at is not None:
         raise ApiError(401, "INVALID_CREDENTIALS")
-    await ctx.services.store.run(lambda: users.audit("user.login", user.id, f"user:{user.id}", client=ctx.client))
+
+    def record() -> None:
+        if check.rehashed is not None:  # an scrypt or outdated argon2 hash: replaced now it was proven
+            users.set_password(user.id, check.rehashed)
+        users.audit("user.login", user.id, f"user:{user.id}", client=ctx.client)
+
+    await ctx.services.store.run(record)
     return await issue_session(ctx.services, user)
 
 
@@ -183,7 +204,7 @@ async def password_reset_request(ctx: Ctx) -> tuple[dict[str, Any], int]:
 async def password_reset_confirm(ctx: Ctx) -> dict[str, Any]:
     body: ResetConfirmBody = ctx.body
     await _limit(ctx.services, (f"reset-confirm:ip:{ctx.client}", ctx.services.settings.login_limit_per_address))
-    password_hash = await hash_password(body.password, ctx.services.settings.scrypt_n)
+    password_hash = await hash_password(body.password, HashCost.from_settings(ctx.services.settings))
 
     def confirm() -> int | None:
         user_id = token_store.use_password_reset(token_hash(body.token))

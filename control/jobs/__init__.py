@@ -81,7 +81,7 @@ def routes() -> list[Route]:
         U("GET", f"{J}/jobs/<int:job_id>", operations.get_job, "One job with its output", auth=ANY),
         U("GET", f"{J}/jobs/<int:job_id>/artifacts", artifacts.list_artifacts, "A job's artifacts", auth=ANY),
         U("GET", f"{J}/jobs/<int:job_id>/artifacts/<name>", artifacts.download_artifact,
-          "Download one artifact (streamed)", auth=ANY),
+          "Download one artifact (streamed)", auth=ANY, content_type="application/octet-stream"),
         # Agents
         U("POST", f"{J}/agents", operations.create_agent, "Register a runner (shared or not); its token is shown once",
           rule=SHARED, auth=ADMIN, body=operations.CreateAgentBody, status=201),
@@ -109,7 +109,7 @@ def routes() -> list[Route]:
           rule=OWNERSHIP + " " + REPOSITORY_RULE, body=projects.ImportBody, status=201),
         U("GET", f"{J}/projects/<int:project_id>", projects.get_project, "One project"),
         U("DELETE", f"{J}/projects/<int:project_id>", projects.delete_project, "Delete a project", status=204),
-        U("GET", f"{J}/projects/<int:project_id>/icon", projects.project_icon, "The project's icon"),
+        U("GET", f"{J}/projects/<int:project_id>/icon", projects.project_icon, "The project's icon", content_type="image/*"),
         U("POST", f"{J}/projects/<int:project_id>/reload", projects.reload_project,
           "Re-read and re-validate the project's YAML", rule=OWNERSHIP + " " + REPOSITORY_RULE),
         # Pipelines

@@ -146,7 +146,8 @@ async def test_openapi_describes_every_billing_route(world: BillingWorld) -> Non
     assert paths["/api/billing"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     for path in ("/api/billing/checkout", "/api/billing/upgrade", "/api/billing/downgrade"):
         op = paths[path]["post"]
-        assert "plan" in op["requestBody"]["content"]["application/json"]["schema"]["properties"]
+        ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]  # hoisted into components
+        assert "plan" in document["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"]
         assert op["responses"]["200"]["content"]["application/json"]["schema"]
     assert paths["/api/billing/portal"]["post"]["responses"]["200"]["content"]
     webhook = paths["/api/billing/webhook"]["post"]

@@ -76,7 +76,8 @@ class Cluster:
         return {**keep, "DATABASE_URL": self.database_url, "JWT_SECRET": self.jwt_secret,
                 "ZLH_DATA_DIR": str(self.data_dir(name)), "ZLH_POLL_INTERVAL": str(POLL_INTERVAL),
                 "ZLH_REPLICA_ID": name, "ZLH_CLUSTER_SLOTS": str(SLOTS),
-                "ZLH_LOG_LEVEL": "WARNING", "ZLH_SCRYPT_N": "1024",
+                "ZLH_LOG_LEVEL": "WARNING",
+                "ZLH_ARGON2_TIME_COST": "1", "ZLH_ARGON2_MEMORY_KIB": "64", "ZLH_ARGON2_PARALLELISM": "1",
                 "ZLH_HYPERCORN_CONFIG": str(REPO / "hypercorn.toml"), **self.extra_env}
 
     async def start(self, *names: str, together: bool = False) -> list[Replica]:

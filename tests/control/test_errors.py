@@ -71,4 +71,5 @@ async def test_ops_routes(gateway: Gateway) -> None:
     spec = (await gateway.client.get("/openapi.json")).json()
     assert spec["openapi"].startswith("3.")
     login = spec["paths"]["/api/auth/login"]["post"]
-    assert "email" in login["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    ref = login["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert "email" in spec["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"]

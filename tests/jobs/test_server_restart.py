@@ -18,7 +18,8 @@ from tests.conftest import TEST_SECRET
 
 
 async def test_restart_stops_the_gateway_gracefully(tmp_path: Path) -> None:
-    env = {**os.environ, "ZLH_DATA_DIR": str(tmp_path / "data"), "JWT_SECRET": TEST_SECRET, "ZLH_SCRYPT_N": "1024",
+    env = {**os.environ, "ZLH_DATA_DIR": str(tmp_path / "data"), "JWT_SECRET": TEST_SECRET,
+           "ZLH_ARGON2_TIME_COST": "1", "ZLH_ARGON2_MEMORY_KIB": "64", "ZLH_ARGON2_PARALLELISM": "1",
            "DATABASE_URL": f"sqlite:///{tmp_path}/gateway.db", "ZLH_PROVIDER": "local"}
     root = Path(__file__).resolve().parents[2]
     async with trio.open_nursery() as nursery:
