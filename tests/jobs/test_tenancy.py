@@ -265,7 +265,10 @@ async def test_openapi_documents_the_ownership_rule_and_the_shared_flag(jobs: Jo
             assert "Ownership" in operation.get("description", "") or "shared" in operation.get("description", ""), \
                 f"{route.method} {route.path} does not state its rule"
     create = document["paths"]["/api/v1/agents"]["post"]
-    shared = create["requestBody"]["content"]["application/json"]["schema"]["properties"]["shared"]
+    schema = create["requestBody"]["content"]["application/json"]["schema"]
+    if "$ref" in schema:  # pydantic models are hoisted into components/schemas
+        schema = document["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    shared = schema["properties"]["shared"]
     assert shared["type"] == "boolean" and shared["default"] is False and "regular users" in shared["description"]
     assert "shared" in create["description"]
     lease = document["paths"]["/api/v1/agent/lease"]["post"]
