@@ -11,8 +11,9 @@
   killed replica's operations are finished elsewhere within the lease TTL plus one heartbeat (inside
   the takeover bound).
 - Cross-replica events travel by PostgreSQL NOTIFY on one channel, received on a dedicated LISTEN
-  connection in a worker thread, and are applied to this replica's connections (consoles, IDE
-  websockets). An event is also applied locally at once, so the origin never waits for the round trip.
+  connection in a worker thread, and are applied to this replica's session registry and connections
+  (ended logins and accounts, consoles, IDE websockets). An event is also applied locally at once, so
+  the origin never waits for the round trip.
 
 Ownership is judged on this replica's own clock against the renewal it last *started*, so it always
 ends before the lease the database holds lapses: a replica cut off from the database stops polling
@@ -46,6 +47,7 @@ from storage.db import Store, is_postgres
 from storage.instances import PollTarget
 
 from .config import Settings
+from .sessions import SESSION_END, Sessions
 
 log = logging.getLogger("zlh.cluster")
 
@@ -271,37 +273,50 @@ class FleetEvents:
             await trio.sleep(LISTEN_RETRY)
 
 
-def wire_console_events(events: FleetEvents, consoles: Any) -> None:
-    """Suspensions and revocations close the consoles this replica holds."""
-    events.on("console.disconnect_instance", lambda e: consoles.disconnect_instance(int(e["instance"])))
-    events.on("console.disconnect_user", lambda e: consoles.disconnect_user(int(e["user"])))
+SERVER_SUSPENDED = "server.suspended"
 
 
-IDE_REVOKE = "ide.revoke"
+def wire_session_events(events: FleetEvents, sessions: Sessions, consoles: Any, ide: Any) -> None:
+    """Ended sessions and suspensions reach this replica's rule and connections: `session.end` is
+    applied to the session registry (control/sessions.py), then the consoles (gateway.console.ConsoleRelay)
+    and IDE websockets (control.dev.HostedIde) it ends are closed; a suspended server loses both."""
+
+    def session_end(event: dict[str, Any]) -> None:
+        sessions.apply(event)
+        user = event.get("user")
+        if user is not None and (event.get("allLogins") or event.get("account") in ("disabled", "deleted")):
+            consoles.disconnect_user(int(user))
+            ide.revoke(IdeRevocation(user_id=int(user)))
+            return
+        for family in event.get("families") or ():
+            ide.revoke(IdeRevocation(family=str(family)))
+
+    def server_suspended(event: dict[str, Any]) -> None:
+        consoles.disconnect_instance(int(event["instance"]))
+        ide.revoke(IdeRevocation(instance_id=int(event["instance"])))
+
+    events.on(SESSION_END, session_end)
+    events.on(SERVER_SUSPENDED, server_suspended)
 
 
-def wire_ide_events(events: FleetEvents, ide: Any) -> None:
-    """Revoked IDE sessions lose their websockets and cached grants on this replica
-    (`ide`: control.dev.HostedIde)."""
-    events.on(IDE_REVOKE, lambda e: ide.revoke(IdeRevocation(e.get("user"), e.get("family"))))
-
-
-async def revoke_ide_sessions(events: FleetEvents, *, user: int | None = None, family: str | None = None) -> None:
-    """End, on every replica, the IDE sessions of `user` or of the login `family`. Call it after the
-    revocation is stored: a replica that applies the event reads the account and login again."""
-    await events.publish(IDE_REVOKE, user=user, family=family)
+async def end_sessions(events: FleetEvents, *, user: int, families: list[str] | tuple[str, ...] = (),
+                       all_logins: bool = False, account: str | None = None) -> None:
+    """End, on every replica, the logins `families` of `user` (or all of them) and, with `account`
+    (active | disabled | deleted), record its new state. Call it after the change is stored: a replica
+    that missed the event finds it in the database at its next resync."""
+    await events.publish(SESSION_END, user=user, families=list(families), allLogins=all_logins, account=account)
 
 
 SuspendServers = Callable[[int, list[int], str], Awaitable[None]]
 
 
 def fleet_suspender(events: FleetEvents, suspend: SuspendServers) -> SuspendServers:
-    """The billing scheduler's suspension hook, fleet-wide: the consoles of the suspended servers are
-    closed on every replica (whichever one holds them), then this replica stops the servers."""
+    """The billing scheduler's suspension hook, fleet-wide: the consoles and IDE sessions of the
+    suspended servers are closed on every replica (whichever one holds them), then this replica stops the servers."""
 
     async def suspend_servers(user_id: int, instance_ids: list[int], reason: str) -> None:
         for instance_id in instance_ids:
-            await events.publish("console.disconnect_instance", instance=instance_id, reason=reason)
+            await events.publish(SERVER_SUSPENDED, instance=instance_id, reason=reason)
         await suspend(user_id, instance_ids, reason)
 
     return suspend_servers

@@ -38,6 +38,9 @@ class Settings:
     ide_token_ttl: int = 300
     console_token_ttl: int = 300
     password_reset_ttl: int = 1800
+    # Ended sessions are known in memory (control/sessions.py) and re-read from the database this often,
+    # which bounds how long a missed cross-replica event can go unseen.
+    session_resync_interval: float = 10.0
     scrypt_n: int = 2**15
     login_limit_per_account: int = 10
     login_limit_per_address: int = 50
@@ -145,6 +148,7 @@ class Settings:
             s.ide_cookie_secure = _flag(env["IDE_COOKIE_SECURE"])
         if env.get("IDE_SESSION_TTL"):
             s.ide_session_ttl = int(env["IDE_SESSION_TTL"])
+        s.session_resync_interval = float(env.get("ZLH_SESSION_RESYNC", s.session_resync_interval))
         for key, attr in (("ENVIRONMENT_IDLE_TIMEOUT", "environment_idle_timeout"),
                           ("ENVIRONMENT_IDLE_CHECK_INTERVAL", "environment_idle_check_interval"),
                           ("ENVIRONMENT_ACTION_WAIT", "environment_action_wait")):
