@@ -67,13 +67,6 @@ def family_of(token_hash: str) -> str | None:
     return token.family_id if token else None
 
 
-def family_revoked(family_id: str) -> bool:
-    """Whether a login has ended (logout, reuse detected, password reset); one that no longer
-    exists has ended too."""
-    family = RefreshFamily.get_or_none(RefreshFamily.id == family_id)
-    return family is None or family.revoked_at is not None
-
-
 def revoke_family(family_id: str, reason: str) -> None:
     RefreshFamily.update(revoked_at=utcnow(), revoked_reason=reason).where(
         (RefreshFamily.id == family_id) & RefreshFamily.revoked_at.is_null()
