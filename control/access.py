@@ -5,17 +5,19 @@ Then every object a user can name is checked here, by `grant`: its owner or an a
 else gets the same 404 the API gives for an object that does not exist (no hint that it exists).
 
 Never decide ownership anywhere else: a route that names a server, container, environment or job
-calls `grant` (directly, or through `owned_instance`)."""
+calls `grant` (directly, or through `owned` / `owned_instance`)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.agent_client import AgentTarget
 from gateway.errors import ApiError
 from storage import instances as store_instances
 
 from .api import Ctx, CurrentUser
+
+Owned = TypeVar("Owned")
 
 
 def may_access(user: CurrentUser, owner_id: int) -> bool:
@@ -34,14 +36,20 @@ def grant(user: CurrentUser, owner_id: int | None, missing: ApiError) -> None:
         raise missing
 
 
+def owned(user: CurrentUser, found: Owned | None, missing: ApiError) -> Owned:
+    """`found` (a row with an `owner_id`, or None when there is none) if `grant` allows it to `user`."""
+    grant(user, found.owner_id if found is not None else None, missing)  # type: ignore[attr-defined]
+    assert found is not None
+    return found
+
+
 def server_not_found(instance_id: int) -> ApiError:
     return ApiError(404, "SERVER_NOT_FOUND", {"id": instance_id})
 
 
 async def owned_instance(ctx: Ctx, instance_id: int) -> Any:
     instance = await ctx.services.store.read(store_instances.get_instance, instance_id)
-    grant(ctx.me, instance.owner_id if instance is not None else None, server_not_found(instance_id))
-    return instance
+    return owned(ctx.me, instance, server_not_found(instance_id))
 
 
 def agent_target(instance: Any) -> AgentTarget:

@@ -15,7 +15,7 @@ from storage import billing as store_billing
 from storage import instances as store_instances
 from storage import users
 
-from .access import agent_target, grant, may_access, server_not_found
+from .access import agent_target, may_access, owned, server_not_found
 from .api import Ctx, CurrentUser, session_user
 from .auth.tokens import TokenKind
 from .lifecycle import InstanceState
@@ -44,8 +44,8 @@ def console_authorizer(services: Services) -> Callable[[str, int], Awaitable[Con
         if claims.get("sid") != server_id:
             raise ApiError(403, "TOKEN_NOT_FOR_THIS_SERVER")
         user = session_user(services, claims)
-        instance = await services.store.read(store_instances.get_instance, server_id)
-        grant(user, instance.owner_id if instance is not None else None, server_not_found(server_id))
+        instance = owned(user, await services.store.read(store_instances.get_instance, server_id),
+                         server_not_found(server_id))
         if instance.state != InstanceState.READY.value:
             raise ApiError(409, "SERVER_NOT_READY")
         if await services.store.read(store_billing.is_suspended, instance.id):

@@ -743,7 +743,7 @@ async def owned_environment(ctx: Ctx, environment_id: str) -> tuple[Environment,
     found = await ctx.services.store.run(store_env.environment_with_ide_activity, environment_id,
                                         ide_live_after(ctx.services))
     grant(ctx.me, found[0].owner_id if found is not None else None, not_found(environment_id))
-    assert found is not None
+    assert found is not None  # grant raised otherwise
     return found
 
 

@@ -20,7 +20,7 @@ from gateway.server import Request
 from storage import instances as store_instances
 from storage import users
 
-from .access import agent_target, grant, server_not_found
+from .access import agent_target, owned, server_not_found
 from .api import Body, Ctx, CurrentUser, authenticate
 from .lifecycle import InstanceState
 from .servers import ready_instance, server_row
@@ -193,8 +193,8 @@ def stream_authorizer(services: Services) -> Callable[[Request, int], Awaitable[
         def load() -> tuple[Any, int | None]:
             return store_instances.get_instance(server_id), None if user.is_admin else _plan_upload_limit(user.id)
 
-        instance, limit = await services.store.read(load)
-        grant(user, instance.owner_id if instance is not None else None, server_not_found(server_id))
+        found, limit = await services.store.read(load)
+        instance = owned(user, found, server_not_found(server_id))
         if instance.state != InstanceState.READY.value:
             raise ApiError(409, "SERVER_NOT_READY", {"state": instance.state})
         return StreamGrant(agent_target(instance), limit, instance.id)
