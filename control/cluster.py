@@ -274,6 +274,7 @@ class FleetEvents:
 
 
 SERVER_SUSPENDED = "server.suspended"
+MAX_EVENT_FAMILIES = 100  # ~30 bytes each, well inside one NOTIFY payload
 
 
 def wire_session_events(events: FleetEvents, sessions: Sessions, consoles: Any, ide: Any) -> None:
@@ -304,7 +305,11 @@ async def end_sessions(events: FleetEvents, *, user: int, families: list[str] | 
     """End, on every replica, the logins `families` of `user` (or all of them) and, with `account`
     (active | disabled | deleted), record its new state. Call it after the change is stored: a replica
     that missed the event finds it in the database at its next resync."""
-    await events.publish(SESSION_END, user=user, families=list(families), allLogins=all_logins, account=account)
+    names = list(families)
+    # A NOTIFY payload holds at most 8000 bytes: many ended logins go in several events.
+    for start in range(0, max(len(names), 1), MAX_EVENT_FAMILIES):
+        await events.publish(SESSION_END, user=user, families=names[start:start + MAX_EVENT_FAMILIES],
+                             allLogins=all_logins, account=account)
 
 
 SuspendServers = Callable[[int, list[int], str], Awaitable[None]]

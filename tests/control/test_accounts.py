@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from control.auth.tokens import TokenKind, TokenService
 from control.sessions import Sessions
 from gateway.errors import ApiError
 from storage import instances as store_instances
@@ -19,7 +20,7 @@ from storage.clock import utcnow
 from storage.db import Store, connect_database
 from storage.migrations import migrate
 from storage.models import database
-from tests.conftest import Gateway
+from tests.conftest import TEST_SECRET, Gateway
 from tests.control.test_auth import _mail_token
 
 T = TypeVar("T")
@@ -231,3 +232,19 @@ async def test_the_registry_is_rebuilt_from_the_database(database_url: str) -> N
     finally:
         store.close()
         db.close()
+
+
+async def test_a_reset_that_ends_hundreds_of_logins_ends_every_one(gateway: Gateway) -> None:
+    """More ended logins than one cross-replica event can name (control/cluster.py::MAX_EVENT_FAMILIES)."""
+    session = await gateway.register()
+    user_id = session["user"]["id"]
+    await in_db(lambda: [token_store.start_family(f"bulk-{n:04d}-" + "x" * 20, user_id) for n in range(250)])
+    await gateway.client.post("/api/auth/password-reset/request", json={"email": "user@example.com"})
+    done = await gateway.client.post("/api/auth/password-reset/confirm", json={
+        "token": _mail_token(gateway.settings.data_dir / "outbox"), "password": "a-new-password-1"})
+    assert done.status_code == 200, done.text
+    assert await me_status(gateway, session) == (401, "SESSION_REVOKED")
+    tokens = TokenService(TEST_SECRET, "zlh-gateway")
+    for n in (0, 120, 249):  # in the first, a middle and the last event
+        token = tokens.issue(TokenKind.ACCESS, user_id, 60, role="user", fam=f"bulk-{n:04d}-" + "x" * 20)
+        assert await me_status(gateway, {"accessToken": token}) == (401, "SESSION_REVOKED")
