@@ -2,7 +2,8 @@
 one PostgreSQL. Disabling or deleting an account, logging out and a password reset, each done on one
 replica, refuse the old access token on the other on its very next request — by the `session.end` event
 (LISTEN/NOTIFY; the NOTIFY is committed before the ending request answers), not by the periodic resync,
-which is set far beyond the test's bounds here."""
+which is set far beyond the test's bounds here. Disabling an account on one replica closes the console
+and IDE websocket another replica holds."""
 
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
 
+from bench.harness import AgentRow
 from storage import users
-from tests.cluster.helpers import PASSWORD, Cluster, bearer, register, storage
+from tests.cluster.helpers import PASSWORD, Cluster, bearer, insert_agents, real_agent, register, storage
+from tests.cluster.test_console_across_replicas import authenticate, console_auth, ws_url
+from tests.cluster.test_ide_across_replicas import ide_cookie, ide_websocket
 from tests.conftest import DATABASES
 from tests.control.test_auth import _mail_token
 
@@ -90,3 +95,46 @@ async def test_disable_delete_logout_and_reset_on_one_replica_end_the_token_on_t
         for how, session in victims.items():
             assert await me(http, late.url, session) in (401, 403), how
         assert await me(http, late.url, kept) == 200
+
+
+async def test_disabling_on_one_replica_closes_the_console_and_ide_websocket_another_holds(
+        pg_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    url = pg_cluster.fresh_database()
+    async with real_agent(tmp_path) as agent, AsyncExitStack() as stack, httpx.AsyncClient(timeout=10) as http:
+        replicas = OwnDataDirs(url, tmp_path, stack)
+        origin, holder = await replicas.start("r1", "r2")
+        admin = await register(http, origin.url, "admin@example.com")
+        await storage(url, users.set_role, admin["user"]["id"], "admin")
+        admin = (await http.post(f"{origin.url}/api/auth/login", json={"email": "admin@example.com",
+                                                                       "password": PASSWORD})).json()
+        session = await register(http, holder.url, "dev@example.com")
+        [game, dev] = await insert_agents(url, session["user"]["id"], [
+            AgentRow("game", agent["port"], agent["secret"]),
+            AgentRow("dev", agent["port"], agent["secret"], agent["idePort"])], "rv")
+        started = await http.post(f"{holder.url}/api/dev/{dev}/codeserver/start", headers=bearer(session))
+        assert started.status_code == 200, started.text
+        cookie = await ide_cookie(http, holder.url, session, dev)
+        auth = await console_auth(http, holder.url, session, game)
+        with trio.fail_after(30):
+            async with open_websocket_url(ws_url(holder.url, game)) as console, \
+                    ide_websocket(holder.url, dev, cookie) as ide:
+                await authenticate(console, auth)
+                disabled = await http.post(f"{origin.url}/api/admin/users/{session['user']['id']}/disable",
+                                           headers=bearer(admin))
+                assert disabled.status_code == 200, disabled.text
+                cut = trio.current_time()
+                with trio.fail_after(5):
+                    while True:
+                        try:
+                            await console.get_message()
+                        except ConnectionClosed as closed:
+                            assert closed.reason.code == 4010, closed.reason
+                            break
+                    with pytest.raises(ConnectionClosed):
+                        while True:
+                            await ide.get_message()
+                took = trio.current_time() - cut
+        print(f"\ndisable on r1 closed the console and IDE websocket on r2 after {took * 1000:.0f} ms")
+        assert took < 2  # the event, not the 30 s re-checks
+        refused = await http.get(f"{holder.url}/__ide/{dev}/", headers={"cookie": cookie})
+        assert refused.status_code == 403 and refused.json()["error"] == "ACCOUNT_DISABLED"
