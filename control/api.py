@@ -255,20 +255,31 @@ def query_int(ctx: Ctx, name: str, default: int, low: int = 0, high: int = MAX_I
 
 
 def bearer_token(headers: Any) -> str | None:
-    value = headers.get("authorization", "")
+    """The one bearer parser: the token of an `Authorization: Bearer …` header (`headers` is anything
+    with a case-insensitive or lower-cased `get`), else None."""
+    value = headers.get("authorization") or ""
     scheme, _, token = value.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
 
 
+def session_user(services: Services, claims: dict[str, Any]) -> CurrentUser:
+    """The caller a verified token names, once the session rule holds: the account is active (not
+    disabled, not deleted) and the login (`fam`) has not ended (control/sessions.py; in memory)."""
+    user = CurrentUser(int(claims["sub"]), claims.get("role", "user"), claims.get("fam"))
+    services.sessions.check(user.id, user.family)
+    return user
+
+
 def authenticate(services: Services, headers: Any) -> CurrentUser:
+    """The one authentication of every control route and data-plane stream: bearer access token,
+    verified, then the session rule. 401/403 in the envelope otherwise."""
     token = bearer_token(headers)
     if token is None:
         raise ApiError(401, "UNAUTHORIZED", {"reason": "missing bearer access token"},
                        headers={"WWW-Authenticate": "Bearer"})
-    claims = services.tokens.verify(TokenKind.ACCESS, token)
-    return CurrentUser(int(claims["sub"]), claims.get("role", "user"), claims.get("fam"))
+    return session_user(services, services.tokens.verify(TokenKind.ACCESS, token))
 
 
 def client_address(services: Services, scope: Mapping[str, Any], headers: Any) -> str:

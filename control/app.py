@@ -36,7 +36,7 @@ from storage.clock import utcnow
 from storage.db import Store, connect_database
 from storage.migrations import migrate
 
-from . import billing, cluster, console, dev, environments, files, instances, jobs, ops, servers
+from . import admin, billing, cluster, console, dev, environments, files, instances, jobs, ops, servers
 from .api import (
     ID_DIGITS,
     AccessLog,
@@ -58,6 +58,7 @@ from .providers.local import LocalProvider
 from .providers.proxmox import ProxmoxProvider
 from .provisioning import Provisioner
 from .services import Services
+from .sessions import Sessions
 
 log = logging.getLogger("zlh.app")
 
@@ -100,6 +101,7 @@ def control_routes() -> list[Route]:
               "Set a new password with a reset token; revokes every session", auth=OPEN,
               body=auth.ResetConfirmBody, tags=("auth",)),
         Route("GET", "/api/me", auth.me, "The current user", response=auth.USER_SCHEMA, tags=("auth",)),
+        *admin.admin_routes(),
         # Instances and containers
         Route("GET", "/api/instances", instances.list_instances, "ContainerInstance rows (owner-scoped; admins see all)",
               response={"type": "array", "items": instances.INSTANCE_SCHEMA}, tags=("instances",)),
@@ -224,7 +226,7 @@ def background_services(services: Services) -> list[Callable[..., Any]]:
     task_status)` callables, each started in the lifespan nursery of run_gateway (so each has an owner
     and stops with the app). The membership (ClusterService.run) outlives them, in run_gateway."""
     once = services.cluster.leader_only if services.cluster is not None else _here
-    return [services.events.run, services.provisioner.run, services.poller.run, services.ide.proxy.run,
+    return [services.sessions.run, services.events.run, services.provisioner.run, services.poller.run, services.ide.proxy.run,
             # Once across the fleet: on PostgreSQL only the fleet leader runs these (control/cluster.py).
             *([once(services.edge_outbox.run)] if services.edge_outbox is not None else []),
             once(billing.BillingScheduler(services.billing, services.mailer, services.settings.billing_interval,
@@ -335,6 +337,9 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
             tokens=TokenService(settings.jwt_secret, settings.jwt_issuer),
             metrics=metrics,
             mailer=Mailer(settings.data_dir / "outbox"),
+            sessions=Sessions(store, horizon=max(settings.access_token_ttl, settings.ide_session_ttl,
+                                                 settings.console_token_ttl) + 60,
+                              resync_interval=settings.session_resync_interval),
         )
         services.agents = AgentClient(SmallCallPool(connect_timeout=settings.agent_timeout),
                                       timeout=settings.agent_timeout)
@@ -352,11 +357,10 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
         if services.cluster is not None:
             services.cluster.attach(services.poller)
         services.events = cluster.FleetEvents(store, settings.replica_id, listen=services.cluster is not None)
-        cluster.wire_console_events(services.events, services.consoles)
         services.ide_activity = dev.IdeActivityRecorder(store, interval=settings.ide_activity_interval,
                                                         replica=settings.replica_id)
         services.ide = dev.HostedIde(services)
-        cluster.wire_ide_events(services.events, services.ide)
+        cluster.wire_session_events(services.events, services.sessions, services.consoles, services.ide)
         services.environments = environments.EnvironmentService(services)
         ops.watch_live_state(services)
         services.billing = billing.Billing.from_settings(settings, store, services.extra)

@@ -12,8 +12,8 @@
   the takeover bound).
 - Cross-replica events travel by PostgreSQL NOTIFY on one channel, received on a dedicated LISTEN
   connection that Trio waits on itself (`wait_readable` on its socket; no thread parked in `select()`,
-  which fails on descriptors above 1,024), and are applied to this replica's connections (consoles, IDE
-  websockets). An event is also applied locally at once, so the origin never waits for the round trip.
+  which fails on descriptors above 1,024), and are applied to this replica's session registry and connections (ended logins
+  and accounts, consoles, IDE websockets). An event is also applied locally at once, so the origin never waits for the round trip.
 - Takeover time: a killed replica's leases lapse one lease TTL after its last renewal; each heartbeat
   reports when the next foreign lease lapses and the replica beats again right then, so its share
   is claimed at the lapse, not up to a heartbeat later, and the poller polls the gained agents within
@@ -50,6 +50,7 @@ from storage.db import Store, is_postgres
 from storage.instances import PollTarget
 
 from .config import Settings
+from .sessions import SESSION_END, Sessions
 
 log = logging.getLogger("zlh.cluster")
 
@@ -296,37 +297,55 @@ class FleetEvents:
             retry = min(retry * 2, LISTEN_RETRY_MAX)
 
 
-def wire_console_events(events: FleetEvents, consoles: Any) -> None:
-    """Suspensions and revocations close the consoles this replica holds."""
-    events.on("console.disconnect_instance", lambda e: consoles.disconnect_instance(int(e["instance"])))
-    events.on("console.disconnect_user", lambda e: consoles.disconnect_user(int(e["user"])))
+SERVER_SUSPENDED = "server.suspended"
+MAX_EVENT_FAMILIES = 100  # ~30 bytes each, well inside one NOTIFY payload
 
 
-IDE_REVOKE = "ide.revoke"
+def wire_session_events(events: FleetEvents, sessions: Sessions, consoles: Any, ide: Any) -> None:
+    """Ended sessions and suspensions reach this replica's rule and connections: `session.end` is
+    applied to the session registry (control/sessions.py), then the consoles (gateway.console.ConsoleRelay)
+    and IDE websockets (control.dev.HostedIde) it ends are closed; a suspended server loses both."""
+
+    def session_end(event: dict[str, Any]) -> None:
+        sessions.apply(event)
+        user = event.get("user")
+        if user is not None and (event.get("allLogins") or event.get("account") in ("disabled", "deleted")):
+            consoles.disconnect_user(int(user))
+            ide.revoke(IdeRevocation(user_id=int(user)))
+            return
+        for family in event.get("families") or ():
+            ide.revoke(IdeRevocation(family=str(family)))
+
+    def server_suspended(event: dict[str, Any]) -> None:
+        consoles.disconnect_instance(int(event["instance"]))
+        ide.revoke(IdeRevocation(instance_id=int(event["instance"])))
+
+    events.on(SESSION_END, session_end)
+    events.on(SERVER_SUSPENDED, server_suspended)
 
 
-def wire_ide_events(events: FleetEvents, ide: Any) -> None:
-    """Revoked IDE sessions lose their websockets and cached grants on this replica
-    (`ide`: control.dev.HostedIde)."""
-    events.on(IDE_REVOKE, lambda e: ide.revoke(IdeRevocation(e.get("user"), e.get("family"))))
-
-
-async def revoke_ide_sessions(events: FleetEvents, *, user: int | None = None, family: str | None = None) -> None:
-    """End, on every replica, the IDE sessions of `user` or of the login `family`. Call it after the
-    revocation is stored: a replica that applies the event reads the account and login again."""
-    await events.publish(IDE_REVOKE, user=user, family=family)
+async def end_sessions(events: FleetEvents, *, user: int, families: list[str] | tuple[str, ...] = (),
+                       all_logins: bool = False, account: str | None = None) -> None:
+    """End, on every replica, the logins `families` of `user` (or all of them) and, with `account`
+    (active | disabled | deleted), record its new state. Call it after the change is stored: a replica
+    that missed the event finds it in the database at its next resync."""
+    names = list(families)
+    # A NOTIFY payload holds at most 8000 bytes: many ended logins go in several events.
+    for start in range(0, max(len(names), 1), MAX_EVENT_FAMILIES):
+        await events.publish(SESSION_END, user=user, families=names[start:start + MAX_EVENT_FAMILIES],
+                             allLogins=all_logins, account=account)
 
 
 SuspendServers = Callable[[int, list[int], str], Awaitable[None]]
 
 
 def fleet_suspender(events: FleetEvents, suspend: SuspendServers) -> SuspendServers:
-    """The billing scheduler's suspension hook, fleet-wide: the consoles of the suspended servers are
-    closed on every replica (whichever one holds them), then this replica stops the servers."""
+    """The billing scheduler's suspension hook, fleet-wide: the consoles and IDE sessions of the
+    suspended servers are closed on every replica (whichever one holds them), then this replica stops the servers."""
 
     async def suspend_servers(user_id: int, instance_ids: list[int], reason: str) -> None:
         for instance_id in instance_ids:
-            await events.publish("console.disconnect_instance", instance=instance_id, reason=reason)
+            await events.publish(SERVER_SUSPENDED, instance=instance_id, reason=reason)
         await suspend(user_id, instance_ids, reason)
 
     return suspend_servers

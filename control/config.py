@@ -124,6 +124,9 @@ class Settings(BaseModel):
     ide_token_ttl: int = setting(300, "ZLH_IDE_TOKEN_TTL", "seconds an IDE link token is valid")
     console_token_ttl: int = setting(300, "ZLH_CONSOLE_TOKEN_TTL", "seconds a console token is valid")
     password_reset_ttl: int = setting(1800, "ZLH_PASSWORD_RESET_TTL", "seconds a password-reset token is valid")
+    session_resync_interval: float = setting(
+        10.0, "ZLH_SESSION_RESYNC", "seconds between re-reads of ended sessions from the database (bounds how long "
+        "a missed cross-replica event can go unseen; control/sessions.py)")
     # Password hashing, argon2id (control/auth/passwords.py): RFC 9106's second recommended option.
     argon2_time_cost: int = setting(3, "ZLH_ARGON2_TIME_COST", "argon2id passes of a password hash")
     argon2_memory_kib: int = setting(64 * 1024, "ZLH_ARGON2_MEMORY_KIB", "argon2id memory of a password hash (KiB)")

@@ -4,14 +4,19 @@ asks before forwarding, and the record of IDE activity per instance that idle au
 Tokens: `POST /api/dev/:id/ide-token` issues a short-lived IDE *link* token (kind IDE, its own issuer,
 audience and key; bound to the user, the instance and the login — refresh-token family — it was asked
 with). The proxy trades it, once it arrives in a query string, for an IDE *session* token kept in the
-browser's IDE cookie, bound to the same user, instance and login and living `ide_session_ttl`. Each
-use is checked against the account, the login and the instance as they are now (looked up at most
-every GRANT_CACHE_SECONDS per user, instance and login, so a busy IDE costs no database hop per request).
+browser's IDE cookie, bound to the same user, instance and login and living `ide_session_ttl`. A link
+token works once, on any replica (its jti is recorded as used in the database), so a leaked link cannot
+mint sessions for the rest of its life. Each use is checked by the one access rule: the session rule
+(control/sessions.py: account active, login not ended; in memory), then ownership
+(control/access.py::grant) against the instance as it is now (looked up at most every
+GRANT_CACHE_SECONDS per user and instance, so a busy IDE costs no database hop per request).
 
-Revocation: an IDE session lives no longer than its login. Logging out, a refresh token reused (the
-family revoked) and a password reset (every family) end it: the route publishes `ide.revoke` after
-storing the revocation (control/cluster.py), and every replica forgets its cached grants and cuts the
-matching IDE websockets at once (`HostedIde.revoke`); later requests are refused.
+Revocation: an IDE session lives no longer than its login or its account. Logging out, a refresh
+token reused (the family revoked), a password reset, a role change, disabling or deleting the account
+end it, and a billing suspension ends every IDE session of the server: the change is stored, then the
+`session.end` / `server.suspended` event reaches every replica (control/cluster.py), which forgets its
+cached grants and cuts the matching IDE websockets at once (`HostedIde.revoke`); later requests are
+refused.
 
 Never answer with the IDE for a token of another kind, user or instance, and never log a token."""
 
@@ -31,6 +36,7 @@ import trio
 from gateway.agent_client import forward_agent_result
 from gateway.errors import ApiError
 from gateway.ide_proxy import IdeCredential, IdeGrant, IdeProxy, IdeRevocation
+from storage import billing as store_billing
 from storage import dev as store_dev
 from storage import instances as store_instances
 from storage import tokens as token_store
@@ -38,7 +44,7 @@ from storage import users
 from storage.clock import isoformat, utcnow
 from storage.db import Store
 
-from .access import agent_target, may_access
+from .access import agent_target, grant, server_not_found
 from .api import Ctx, CurrentUser, Route
 from .auth.tokens import TokenKind
 from .lifecycle import InstanceState
@@ -155,14 +161,13 @@ async def instance_ide_activity(services: Services, instance_id: int) -> store_d
 
 @dataclass(frozen=True)
 class _IdeView:
-    """What one authorization needs to know about an account, a login and an instance."""
+    """What one authorization needs to know about an account and an instance."""
 
-    account_ok: bool
-    login_ended: bool
     role: str
     owner_id: int | None  # None: no such instance
     kind: str = ""
     state: str = ""
+    suspended: bool = False
     host: str | None = None
     ide_port: int | None = None
 
@@ -172,15 +177,15 @@ class IdeRules:
 
     def __init__(self, services: Services) -> None:
         self.services = services
-        self._views: dict[tuple[int, int, str | None], tuple[float, _IdeView]] = {}
+        self._views: dict[tuple[int, int], tuple[float, _IdeView]] = {}
         self._sessions: dict[str, dict[str, Any]] = {}  # verified session tokens: a signature stays valid
 
     def forget(self) -> None:
-        """Drop every cached view: the next request reads the account, login and instance again."""
+        """Drop every cached view: the next request reads the account and instance again."""
         self._views.clear()
 
-    async def _view(self, user_id: int, instance_id: int, family: str | None) -> _IdeView:
-        key = (user_id, instance_id, family)
+    async def _view(self, user_id: int, instance_id: int) -> _IdeView:
+        key = (user_id, instance_id)
         now = time.monotonic()
         cached = self._views.get(key)
         if cached is not None and cached[0] > now:
@@ -188,14 +193,12 @@ class IdeRules:
 
         def load() -> _IdeView:
             account = users.user_by_id(user_id)
-            ok = account is not None and account.disabled_at is None
-            ended = family is not None and token_store.family_revoked(family)
             role = account.role if account is not None else "user"
             instance = store_instances.get_instance(instance_id)
             if instance is None:
-                return _IdeView(ok, ended, role, None)
-            return _IdeView(ok, ended, role, instance.owner_id, instance.kind, instance.state, instance.agent_host,
-                            instance.ide_port)
+                return _IdeView(role, None)
+            return _IdeView(role, instance.owner_id, instance.kind, instance.state,
+                            store_billing.is_suspended(instance.id), instance.agent_host, instance.ide_port)
 
         view = await self.services.store.read(load)
         if len(self._views) >= GRANT_CACHE_MAX:
@@ -227,6 +230,9 @@ class IdeRules:
         host, port = await self._allowed(user_id, instance_id, family)
         session, ttl = None, 0
         if credential.kind == "link":
+            expires = datetime.fromtimestamp(claims["exp"], UTC).replace(tzinfo=None)
+            if not await self.services.store.run(token_store.use_once, str(claims.get("jti")), expires):
+                raise ApiError(401, "TOKEN_ALREADY_USED", {"reason": "an IDE link works once; ask for a new one"})
             ttl = self.services.settings.ide_session_ttl
             session = self.services.tokens.issue(TokenKind.IDE, user_id, ttl, iid=instance_id, use="session",
                                                  fam=family)
@@ -241,21 +247,17 @@ class IdeRules:
         return True
 
     async def _allowed(self, user_id: int, instance_id: int, family: str | None) -> tuple[str, int]:
-        """Where the IDE listens, if the account, login and instance allow it now; ApiError saying
+        """Where the IDE listens, if the session, account and instance allow it now; ApiError saying
         why not."""
-        view = await self._view(user_id, instance_id, family)
-        if view.login_ended:
-            raise ApiError(401, "SESSION_REVOKED", {"reason": "the login this IDE session belongs to has ended"})
-        if not view.account_ok:
-            raise ApiError(403, "ACCOUNT_DISABLED")
-        if view.owner_id is None:
-            raise ApiError(404, "SERVER_NOT_FOUND", {"id": instance_id})
-        if not may_access(CurrentUser(user_id, view.role), view.owner_id):
-            raise ApiError(403, "FORBIDDEN", {"reason": "not your dev container"})
+        self.services.sessions.check(user_id, family)
+        view = await self._view(user_id, instance_id)
+        grant(CurrentUser(user_id, view.role), view.owner_id, server_not_found(instance_id))
         if view.kind != "dev":
             raise ApiError(409, "NOT_A_DEV_CONTAINER", {"kind": view.kind})
         if view.state != InstanceState.READY.value:
             raise ApiError(409, "SERVER_NOT_READY", {"state": view.state})
+        if view.suspended:
+            raise ApiError(403, "SERVER_SUSPENDED", {"id": instance_id, "reason": "billing"})
         if not view.host or not view.ide_port:
             raise ApiError(409, "IDE_NOT_CONFIGURED")
         return view.host, view.ide_port

@@ -75,7 +75,7 @@ from storage.db import Store
 from storage.dev import IdeActivity
 from storage.environments import ActivitySnapshot, Environment
 
-from .access import may_access
+from .access import grant
 from .api import Ctx, JsonRefused, Route, authenticate, decode_json, json_response, parse_int
 from .dev import CODESERVER_TIMEOUT, LIVE_AFTER_INTERVALS, ide_url
 from .instances import CreateInstance, InstancePayload, check_plan_limits
@@ -119,10 +119,14 @@ def seed_error(error: EnvironmentApiError) -> Response:
     return json_response({"error": error.code, "message": error.message}, error.status, error.headers or None)
 
 
+AUTH_REASONS = {"TOKEN_EXPIRED": "access token expired", "SESSION_REVOKED": "this login has ended",
+                "ACCOUNT_DISABLED": "account disabled", "ACCOUNT_DELETED": "account deleted"}
+
+
 def _translated(error: ApiError) -> EnvironmentApiError:
     """A gateway error met on the way (authentication, a body too large) in the seed's terms."""
-    if error.status == 401:
-        reason = "access token expired" if error.code == "TOKEN_EXPIRED" else "a valid bearer access token is required"
+    if error.status == 401 or error.code == "ACCOUNT_DISABLED":
+        reason = AUTH_REASONS.get(error.code, "a valid bearer access token is required")
         translated = EnvironmentApiError(401, "UNAUTHORIZED", reason)
         translated.headers = {"WWW-Authenticate": "Bearer"}
         return translated
@@ -134,7 +138,8 @@ def _translated(error: ApiError) -> EnvironmentApiError:
 
 
 def seed_route(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Authenticate with the gateway's access token and answer every failure in the seed's shape."""
+    """Authenticate with the gateway's access token — the one rule, control/api.py::authenticate; these
+    routes are declared `auth=None` only so that its failures are answered here, in the seed's shape."""
 
     @functools.wraps(handler)
     async def answer(ctx: Ctx, **params: Any) -> Any:
@@ -744,8 +749,8 @@ async def owned_environment(ctx: Ctx, environment_id: str) -> tuple[Environment,
     """The one ownership check of this API: not yours looks exactly like not there."""
     found = await ctx.services.store.run(store_env.environment_with_ide_activity, environment_id,
                                         ide_live_after(ctx.services))
-    if found is None or not may_access(ctx.me, found[0].owner_id):
-        raise not_found(environment_id)
+    grant(ctx.me, found[0].owner_id if found is not None else None, not_found(environment_id))
+    assert found is not None  # grant raised otherwise
     return found
 
 
@@ -776,7 +781,7 @@ async def create_environment(ctx: Ctx) -> tuple[dict[str, Any], int]:
 
     def record() -> tuple[Environment, Any]:
         user = users.user_by_id(ctx.me.id)
-        if user is None or user.disabled_at is not None:
+        if user is None or users.account_state(user) != "active":  # changed since authentication
             raise EnvironmentApiError(401, "UNAUTHORIZED", "account not found or disabled")
         plan = users.plan_by_name(user.plan)
         counts = {kind: store_instances.count_by_kind(user.id, kind) for kind in ("game", "dev")}

@@ -21,11 +21,10 @@ from gateway.server import Request
 from storage import instances as store_instances
 from storage import users
 
-from .access import agent_target, may_access
-from .api import Body, Ctx, CurrentUser
-from .auth.tokens import TokenKind
+from .access import agent_target, owned, server_not_found
+from .api import Body, Ctx, CurrentUser, authenticate
 from .lifecycle import InstanceState
-from .servers import ready_instance
+from .servers import ready_instance, server_row
 from .services import Services
 
 FILE_MOUNTS = ("/api/game/servers", "/api/servers")
@@ -154,11 +153,7 @@ async def delete_backup(ctx: Ctx, server_id: int, backup_id: str) -> tuple[Any, 
 
 async def restore_status(ctx: Ctx, server_id: int) -> dict[str, Any]:
     """Restore/backup progress from the normalized state (the poller's last /status)."""
-    rows = await ctx.services.store.read(store_instances.server_rows, None if ctx.me.is_admin else ctx.me.id,
-                                        server_id)
-    if not rows:
-        raise ApiError(404, "SERVER_NOT_FOUND", {"id": server_id})
-    _instance, agent = rows[0]
+    _instance, agent = await server_row(ctx, server_id)
     operations = (agent.operations if agent else None) or []
     return {"operations": operations,
             "running": [op for op in operations if op.get("state") == "running"]}
@@ -188,42 +183,29 @@ async def disable_mod(ctx: Ctx, server_id: int, mod_id: str) -> tuple[Any, int]:
 
 # --- the data plane's rule ------------------------------------------------------------------------
 
+def _plan_upload_limit(user_id: int) -> int:
+    row = users.user_by_id(user_id)
+    plan = users.plan_by_name(row.plan) if row else None
+    return plan.max_upload_bytes if plan else 0
+
+
 async def _upload_limit(services: Services, user: CurrentUser) -> int | None:
-    if user.is_admin:
-        return None
-
-    def limit() -> int | None:
-        row = users.user_by_id(user.id)
-        plan = users.plan_by_name(row.plan) if row else None
-        return plan.max_upload_bytes if plan else 0
-
-    return await services.store.run(limit)
+    return None if user.is_admin else await services.store.read(_plan_upload_limit, user.id)
 
 
 def stream_authorizer(services: Services) -> Callable[[Request, int], Awaitable[StreamGrant]]:
-    """May this request stream to or from this server? One ownership check, one DB hop."""
+    """May this request stream to or from this server? The one access rule (authenticate, then
+    grant), one DB hop for the instance and the plan's upload limit."""
 
     async def authorize(request: Request, server_id: int) -> StreamGrant:
-        header = (request.header(b"authorization") or b"").decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "UNAUTHORIZED", {"reason": "missing bearer access token"})
-        claims = services.tokens.verify(TokenKind.ACCESS, token.strip())
-        user = CurrentUser(int(claims["sub"]), claims.get("role", "user"))
+        header = request.header(b"authorization")
+        user = authenticate(services, {"authorization": header.decode("latin-1") if header else None})
 
         def load() -> tuple[Any, int | None]:
-            instance = store_instances.get_instance(server_id)
-            if instance is None or not may_access(user, instance.owner_id):
-                return None, None
-            if user.is_admin:
-                return instance, None
-            row = users.user_by_id(user.id)
-            plan = users.plan_by_name(row.plan) if row else None
-            return instance, plan.max_upload_bytes if plan else 0
+            return store_instances.get_instance(server_id), None if user.is_admin else _plan_upload_limit(user.id)
 
-        instance, limit = await services.store.read(load)
-        if instance is None:
-            raise ApiError(404, "SERVER_NOT_FOUND", {"id": server_id})
+        found, limit = await services.store.read(load)
+        instance = owned(user, found, server_not_found(server_id))
         if instance.state != InstanceState.READY.value:
             raise ApiError(409, "SERVER_NOT_READY", {"state": instance.state})
         return StreamGrant(agent_target(instance), limit, instance.id)

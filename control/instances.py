@@ -13,7 +13,7 @@ from storage import instances as store_instances
 from storage import users
 from storage.clock import isoformat
 
-from .access import may_access
+from .access import grant, listing_owner
 from .api import Body, Ctx
 from .lifecycle import InstanceState
 from .provisioning import Provisioner, new_agent_secret
@@ -70,8 +70,7 @@ def provisioner(ctx: Ctx) -> Provisioner:
 
 
 async def list_instances(ctx: Ctx) -> list[dict[str, Any]]:
-    owner = None if ctx.me.is_admin else ctx.me.id
-    rows = await ctx.services.store.run(store_instances.list_instances, owner)
+    rows = await ctx.services.store.run(store_instances.list_instances, listing_owner(ctx.me))
     return [instance_json(row) for row in rows]
 
 
@@ -107,7 +106,7 @@ async def provision_instance(services: Services, user_id: int, body: CreateInsta
 
     def record() -> Any:
         user = users.user_by_id(user_id)
-        if user is None:
+        if user is None or users.account_state(user) != "active":  # changed since authentication
             raise ApiError(401, "UNAUTHORIZED")
         plan = users.plan_by_name(user.plan)
         counts = {kind: store_instances.count_by_kind(user.id, kind) for kind in ("game", "dev")}
@@ -136,8 +135,7 @@ async def provision_instance(services: Services, user_id: int, body: CreateInsta
 async def delete_container(ctx: Ctx, vmid: int) -> dict[str, Any]:
     instance = await ctx.services.store.run(store_instances.instance_by_vmid, vmid)
     if instance is not None:
-        if not may_access(ctx.me, instance.owner_id):
-            raise ApiError(404, "CONTAINER_NOT_FOUND", {"vmid": vmid})
+        grant(ctx.me, instance.owner_id, ApiError(404, "CONTAINER_NOT_FOUND", {"vmid": vmid}))
         record = await provisioner(ctx).delete(instance, ctx.me.id)
         return {"deleted": True, "vmid": vmid, "archive": archive_json(record) if record else None}
     # A container without a row: only an admin may remove what nobody owns.

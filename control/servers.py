@@ -17,7 +17,7 @@ from storage import instances as store_instances
 from storage import users
 from storage.clock import isoformat, utcnow
 
-from .access import agent_target, owned_instance
+from .access import agent_target, grant, listing_owner, owned_instance, server_not_found
 from .api import Body, Ctx
 from .lifecycle import InstanceState
 from .services import Services
@@ -81,18 +81,21 @@ def normalized_state(instance: Any, agent: Any, stale_after: float) -> dict[str,
 
 
 async def list_servers(ctx: Ctx) -> list[dict[str, Any]]:
-    owner = None if ctx.me.is_admin else ctx.me.id
-    rows = await ctx.services.store.read(store_instances.server_rows, owner)
+    rows = await ctx.services.store.read(store_instances.server_rows, listing_owner(ctx.me))
     window = stale_after(ctx.services)
     return [normalized_state(instance, agent, window) for instance, agent in rows]
 
 
-async def get_server(ctx: Ctx, server_id: int) -> dict[str, Any]:
-    owner = None if ctx.me.is_admin else ctx.me.id
-    rows = await ctx.services.store.read(store_instances.server_rows, owner, server_id)
-    if not rows:
-        raise ApiError(404, "SERVER_NOT_FOUND", {"id": server_id})
+async def server_row(ctx: Ctx, server_id: int) -> tuple[Any, Any]:
+    """One server and its agent state, if `ctx.me` may see it (the one ownership rule)."""
+    rows = await ctx.services.store.read(store_instances.server_rows, None, server_id)
+    grant(ctx.me, rows[0][0].owner_id if rows else None, server_not_found(server_id))
     instance, agent = rows[0]
+    return instance, agent
+
+
+async def get_server(ctx: Ctx, server_id: int) -> dict[str, Any]:
+    instance, agent = await server_row(ctx, server_id)
     return normalized_state(instance, agent, stale_after(ctx.services))
 
 

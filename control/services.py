@@ -12,6 +12,7 @@ from storage.db import Store
 from .auth.tokens import TokenService
 from .config import Settings
 from .mailer import Mailer
+from .sessions import Sessions
 
 
 @dataclass
@@ -21,6 +22,7 @@ class Services:
     tokens: TokenService
     metrics: Metrics
     mailer: Mailer
+    sessions: Sessions  # control.sessions.Sessions: ended logins and inactive accounts, in memory
     agents: Any = None  # gateway.agent_client.AgentClient
     provisioner: Any = None  # control.provisioning.Provisioner
     poller: Any = None  # gateway.poller.Poller

@@ -146,14 +146,17 @@ class IdeGrant:
 
 @dataclass(frozen=True)
 class IdeRevocation:
-    """Which IDE sessions lose access: every one of a user, or those of one login (`family`)."""
+    """Which IDE sessions lose access: every one of a user, those of one login (`family`), or every
+    one of an instance (a suspended server)."""
 
     user_id: int | None = None
     family: str | None = None
+    instance_id: int | None = None
 
     def matches(self, grant: IdeGrant) -> bool:
         return ((self.user_id is not None and self.user_id == grant.user_id)
-                or (self.family is not None and self.family == grant.family))
+                or (self.family is not None and self.family == grant.family)
+                or (self.instance_id is not None and self.instance_id == grant.instance_id))
 
 
 IdeAuthorize = Callable[[IdeCredential, int], Awaitable[IdeGrant]]

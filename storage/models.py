@@ -46,6 +46,7 @@ class User(BaseModel):
     role = peewee.CharField(max_length=16, default="user")
     plan = peewee.CharField(max_length=64, default="free")
     disabled_at = peewee.DateTimeField(null=True)
+    deleted_at = peewee.DateTimeField(null=True)  # soft delete: the row stays for the audit log and history
     created_at = peewee.DateTimeField(default=utcnow)
 
 
@@ -73,6 +74,13 @@ class PasswordReset(BaseModel):
     created_at = peewee.DateTimeField(default=utcnow)
     expires_at = peewee.DateTimeField()
     used_at = peewee.DateTimeField(null=True)
+
+
+class UsedToken(BaseModel):
+    """A single-use token (an IDE link token) already traded, by its jti, until it expires."""
+
+    jti = peewee.CharField(primary_key=True, max_length=64)
+    expires_at = peewee.DateTimeField(index=True)
 
 
 class Instance(BaseModel):
@@ -162,6 +170,7 @@ ALL_MODELS: list[type[BaseModel]] = [
     RefreshFamily,
     RefreshToken,
     PasswordReset,
+    UsedToken,
     Instance,
     InstanceArchive,
     AgentState,

@@ -1,12 +1,15 @@
-"""Refresh-token families and password-reset tokens. Only hashes of tokens are ever stored."""
+"""Refresh-token families, password-reset tokens and used single-use tokens. Only hashes of tokens
+are ever stored (a used token is kept by its jti, never by the token)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+
+import peewee
 
 from .clock import utcnow
-from .models import PasswordReset, RefreshFamily, RefreshToken, User
+from .models import PasswordReset, RefreshFamily, RefreshToken, UsedToken, User
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ def use_refresh_token(token_hash: str) -> RefreshOutcome:
         revoke_family(family.id, "reuse-detected")
         return RefreshOutcome(None, "reused")
     user = User.get_or_none(User.id == family.user_id)
-    if user is None or user.disabled_at is not None:
+    if user is None or user.disabled_at is not None or user.deleted_at is not None:
         return RefreshOutcome(None, "revoked")
     return RefreshOutcome(user.id)
 
@@ -64,23 +67,39 @@ def family_of(token_hash: str) -> str | None:
     return token.family_id if token else None
 
 
-def family_revoked(family_id: str) -> bool:
-    """Whether a login has ended (logout, reuse detected, password reset); one that no longer
-    exists has ended too."""
-    family = RefreshFamily.get_or_none(RefreshFamily.id == family_id)
-    return family is None or family.revoked_at is not None
-
-
 def revoke_family(family_id: str, reason: str) -> None:
     RefreshFamily.update(revoked_at=utcnow(), revoked_reason=reason).where(
         (RefreshFamily.id == family_id) & RefreshFamily.revoked_at.is_null()
     ).execute()
 
 
-def revoke_all_families(user_id: int, reason: str) -> None:
-    RefreshFamily.update(revoked_at=utcnow(), revoked_reason=reason).where(
-        (RefreshFamily.user == user_id) & RefreshFamily.revoked_at.is_null()
-    ).execute()
+def revoke_all_families(user_id: int, reason: str) -> list[str]:
+    """End every login of `user_id` still open; the ids of the families ended now."""
+    open_families = [row.id for row in RefreshFamily.select(RefreshFamily.id).where(
+        (RefreshFamily.user == user_id) & RefreshFamily.revoked_at.is_null())]
+    if open_families:
+        RefreshFamily.update(revoked_at=utcnow(), revoked_reason=reason).where(
+            RefreshFamily.id.in_(open_families) & RefreshFamily.revoked_at.is_null()
+        ).execute()
+    return open_families
+
+
+def families_ended_since(since: datetime) -> list[str]:
+    """Logins ended at or after `since` (older ones' tokens have all expired)."""
+    return [row.id for row in RefreshFamily.select(RefreshFamily.id).where(RefreshFamily.revoked_at >= since)]
+
+
+def use_once(jti: str, expires_at: datetime) -> bool:
+    """Record a single-use token as used; False when it already was (on any replica). Rows of
+    tokens that have expired are dropped on the way: an expired token is refused by its signature."""
+    now = utcnow()
+    UsedToken.delete().where(UsedToken.expires_at < now - timedelta(minutes=5)).execute()
+    try:
+        with UsedToken._meta.database.atomic():
+            UsedToken.create(jti=jti, expires_at=expires_at)
+    except peewee.IntegrityError:
+        return False
+    return True
 
 
 def add_password_reset(user_id: int, token_hash: str, expires_at: datetime) -> None:

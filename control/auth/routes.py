@@ -1,6 +1,8 @@
 """Auth routes: register, login, refresh (rotating, reuse revokes the family), logout, password reset,
 and /api/me. Login and reset are rate-limited per account and per client address. Whatever ends a
-login (a revoked family) also ends the IDE sessions opened from it, on every replica (control/dev.py)."""
+login (a revoked family) ends, on every replica and at once, its access tokens and the IDE sessions
+opened from it (control/cluster.py::end_sessions; the rule is control/sessions.py); a password reset
+ends every login of the account and closes its consoles too."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from storage import tokens as token_store
 from storage.clock import utcnow
 
 from ..api import Body, Ctx
-from ..cluster import revoke_ide_sessions
+from ..cluster import end_sessions
 from ..services import Services
 from .passwords import HashCost, check_password, hash_password
 from .tokens import TokenKind, token_hash
@@ -154,7 +156,7 @@ async def refresh(ctx: Ctx) -> dict[str, Any]:
         if outcome.reason == "reused":
             await ctx.services.store.run(
                 lambda: users.audit("auth.refresh_reuse", int(claims["sub"]), f"family:{claims.get('fam')}"))
-            await revoke_ide_sessions(ctx.services.events, family=claims["fam"])
+            await end_sessions(ctx.services.events, user=int(claims["sub"]), families=[claims["fam"]])
         raise ApiError(401, "REFRESH_TOKEN_REUSED" if outcome.reason == "reused" else "INVALID_TOKEN")
     user = await ctx.services.store.run(users.user_by_id, outcome.user_id)
     return await issue_session(ctx.services, user, family_id=claims["fam"])
@@ -162,7 +164,7 @@ async def refresh(ctx: Ctx) -> dict[str, Any]:
 
 async def logout(ctx: Ctx) -> None:
     token = ctx.body.refresh_token
-    ctx.services.tokens.verify(TokenKind.REFRESH, token)
+    claims = ctx.services.tokens.verify(TokenKind.REFRESH, token)
 
     def revoke() -> str | None:
         family = token_store.family_of(token_hash(token))
@@ -172,7 +174,7 @@ async def logout(ctx: Ctx) -> None:
 
     family = await ctx.services.store.run(revoke)
     if family is not None:
-        await revoke_ide_sessions(ctx.services.events, family=family)
+        await end_sessions(ctx.services.events, user=int(claims["sub"]), families=[family])
 
 
 async def password_reset_request(ctx: Ctx) -> tuple[dict[str, Any], int]:
@@ -206,26 +208,26 @@ async def password_reset_confirm(ctx: Ctx) -> dict[str, Any]:
     await _limit(ctx.services, (f"reset-confirm:ip:{ctx.client}", ctx.services.settings.login_limit_per_address))
     password_hash = await hash_password(body.password, HashCost.from_settings(ctx.services.settings))
 
-    def confirm() -> int | None:
+    def confirm() -> tuple[int, list[str]] | None:
         user_id = token_store.use_password_reset(token_hash(body.token))
         if user_id is None:
             return None
         users.set_password(user_id, password_hash)
-        token_store.revoke_all_families(user_id, "password-reset")
+        ended = token_store.revoke_all_families(user_id, "password-reset")
         users.audit("auth.password_reset", user_id, f"user:{user_id}")
-        return user_id
+        return user_id, ended
 
-    user_id = await ctx.services.store.run(confirm)
-    if user_id is None:
+    confirmed = await ctx.services.store.run(confirm)
+    if confirmed is None:
         raise ApiError(400, "INVALID_RESET_TOKEN")
-    await revoke_ide_sessions(ctx.services.events, user=user_id)
-    # Every login ended: the account's open consoles close with 4010 on whichever replica holds them.
-    await ctx.services.events.publish("console.disconnect_user", user=user_id)
+    user_id, ended = confirmed
+    # Every login ended: its access tokens, IDE sessions and consoles, on whichever replica holds them.
+    await end_sessions(ctx.services.events, user=user_id, families=ended, all_logins=True)
     return {"status": "password-changed"}
 
 
 async def me(ctx: Ctx) -> dict[str, Any]:
     user = await ctx.services.store.run(users.user_by_id, ctx.me.id)
-    if user is None or user.disabled_at is not None:
+    if user is None or users.account_state(user) != "active":
         raise ApiError(401, "UNAUTHORIZED")
     return user_json(user)

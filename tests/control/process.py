@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def process_env(data_dir: Path, database_url: str, **extra: str) -> dict[str, str]:
     return {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "ZLH_DATA_DIR": str(data_dir),
-            "DATABASE_URL": database_url, "JWT_SECRET": TEST_SECRET, "ZLH_SCRYPT_N": "1024",
+            "DATABASE_URL": database_url, "JWT_SECRET": TEST_SECRET,
+            "ZLH_ARGON2_TIME_COST": "1", "ZLH_ARGON2_MEMORY_KIB": "64", "ZLH_ARGON2_PARALLELISM": "1",
             "ZLH_POLL_INTERVAL": "0.5", "ZLH_DEMO": "0", "ZLH_LOG_LEVEL": "WARNING", **extra}
 
 

@@ -98,8 +98,8 @@ async def test_bad_credentials_never_reach_the_ide(ide: DevIde, case: str) -> No
         status, query = 403, "token=" + tokens.issue(TokenKind.IDE, ide.session["user"]["id"], 60,
                                                        iid=ide.id + 1000, use="link")
     elif case == "other-user":
-        intruder = await ide.gateway.register("intruder@example.com")
-        status, query = 403, "token=" + tokens.issue(TokenKind.IDE, intruder["user"]["id"], 60, iid=ide.id,
+        intruder = await ide.gateway.register("intruder@example.com")  # not yours looks like not there
+        status, query = 404, "token=" + tokens.issue(TokenKind.IDE, intruder["user"]["id"], 60, iid=ide.id,
                                                        use="link")
     elif case == "access-token":
         query = "token=" + ide.session["accessToken"]
