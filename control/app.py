@@ -36,7 +36,15 @@ from storage.db import Store, connect_database
 from storage.migrations import migrate
 
 from . import billing, cluster, console, dev, environments, files, instances, jobs, ops, servers
-from .api import AccessLog, Route, install_error_handlers, make_view, openapi_document
+from .api import (
+    AccessLog,
+    Route,
+    front_view,
+    install_error_handlers,
+    make_view,
+    openapi_document,
+    route_pattern,
+)
 from .auth import routes as auth
 from .auth.tokens import TokenService
 from .config import Settings
@@ -102,9 +110,10 @@ def control_routes() -> list[Route]:
               "instance metadata; idempotent (a repeat answers 404)", tags=("instances",)),
         # Servers: normalized state and control actions
         Route("GET", "/api/servers", servers.list_servers, "Normalized state of every server the user may see",
-              response={"type": "array", "items": servers.SERVER_SCHEMA}, tags=("servers",)),
+              response={"type": "array", "items": servers.SERVER_SCHEMA}, tags=("servers",), hot=True,
+              extra_doc=servers.LIST_DOC),
         Route("GET", "/api/servers/<int:server_id>", servers.get_server, "Normalized state of one server",
-              response=servers.SERVER_SCHEMA, tags=("servers",)),
+              response=servers.SERVER_SCHEMA, tags=("servers",), hot=True),
         Route("POST", "/api/servers/<int:server_id>/start", servers.start, "Start the game server", tags=("servers",)),
         Route("POST", "/api/servers/<int:server_id>/stop", servers.stop, "Stop the game server", tags=("servers",)),
         Route("POST", "/api/servers/<int:server_id>/restart", servers.restart, "Restart the game server",
@@ -232,11 +241,14 @@ def _here(service: Callable[..., Any]) -> Callable[..., Any]:
 FILES_PREFIX = r"^/api/(?:game/)?servers/(?P<id>\d+)/files/"
 
 
-def data_plane_router(services: Services) -> Callable[[Request], Any]:
-    """The routes gateway/ serves natively, with the rules they need handed in."""
+def data_plane_router(services: Services, control: list[Route]) -> Callable[[Request], Any]:
+    """The routes gateway/ serves natively, with the rules they need handed in, and the control routes
+    marked hot (served on the front server without Quart: control/api.py front_view)."""
     streams = FileStreams(services.upstream, files.stream_authorizer(services), services.metrics)
     ide = services.ide.proxy
-    routes = [
+    hot = [DataRoute(frozenset({route.method}), route_pattern(route), front_view(route, services), route.path)
+           for route in control if route.hot]
+    routes = [*hot,
         DataRoute(frozenset({"GET"}), re.compile(FILES_PREFIX + "download$"), streams.download, "files.download"),
         DataRoute(frozenset({"PUT", "POST"}), re.compile(FILES_PREFIX + "upload$"), streams.upload, "files.upload"),
         DataRoute(frozenset({"PATCH"}), re.compile(FILES_PREFIX + r"uploads/(?P<upload>[A-Za-z0-9_-]{1,128})$"),
@@ -360,7 +372,7 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
                     await nursery.start(service)
                 if settings.demo_servers:
                     await ensure_demo(services)
-                front = FrontServer(data_plane_router(services), asgi_handler(logged_app), config, metrics)
+                front = FrontServer(data_plane_router(services, routes), asgi_handler(logged_app), config, metrics)
                 async with trio.open_nursery() as server:
                     binds = await server.start(front.serve, shutdown)
                     services.running.add("server")

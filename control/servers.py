@@ -5,9 +5,11 @@ at a time per server) and console commands."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Annotated, Any
 
+import orjson
 import pydantic
 
 from gateway.agent_client import forward_agent_result
@@ -24,6 +26,7 @@ from .services import Services
 
 POWER_HOLD_SECONDS = 60
 STALE_AFTER_INTERVALS = 3
+MAX_PAGE_SIZE = 500
 
 
 class ConsoleCommand(Body):
@@ -40,15 +43,47 @@ SERVER_SCHEMA: dict[str, Any] = {"type": "object", "properties": {
     "operations": {"type": "array"}}}
 
 
-def normalized_state(instance: Any, agent: Any, poll_interval: float) -> dict[str, Any]:
-    """The Portal's view of one server. `agentReady` is the last semantic /ready, and it reads as
-    false once that answer is older than a few poll intervals."""
-    now = utcnow()
+SERVER_PAGE_SCHEMA: dict[str, Any] = {"type": "object", "required": ["items", "next"], "properties": {
+    "items": {"type": "array", "items": SERVER_SCHEMA},
+    "next": {"type": ["integer", "null"], "description": "pass as `after` for the next page; null on the last"}}}
+LIST_DOC: dict[str, Any] = {
+    "description": "Without `pageSize` or `after` the answer is the plain array of every server (what the Portal "
+                   "reads). With either, one page in id order: `{items, next}`; pass `next` back as `after` for the "
+                   "following page (keyset pagination: stable while servers are added or removed).",
+    "parameters": [
+        {"name": "pageSize", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE, "default": 100}},
+        {"name": "after", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0},
+         "description": "the `next` of the previous page: servers with a larger id"}],
+    "responses": {"200": {"description": "the servers (a plain array) or one page of them",
+                          "content": {"application/json": {"schema": {"oneOf": [
+                              {"type": "array", "items": SERVER_SCHEMA}, SERVER_PAGE_SCHEMA]}}}}},
+}
+
+
+READY = InstanceState.READY.value  # read once: an Enum member's .value is a property lookup per row
+
+
+@lru_cache(maxsize=8)
+def _stale_after(poll_interval: float) -> timedelta:
+    return timedelta(seconds=poll_interval * STALE_AFTER_INTERVALS)
+
+
+def _embedded(text: str | None, empty: Any) -> Any:
+    """A JSON column as stored, embedded in the answer as is (orjson.Fragment): never decoded here."""
+    return orjson.Fragment(text) if text else empty
+
+
+def normalized_state(instance: Any, agent: Any, poll_interval: float, now: datetime | None = None) -> dict[str, Any]:
+    """The Portal's view of one server (instance and agent as `store_instances.portal_rows` reads them).
+    `agentReady` is the last semantic /ready, and it reads as false once that answer is older than a few
+    poll intervals. A listing passes one `now` for all its rows."""
+    now = utcnow() if now is None else now
     fresh = (agent is not None and agent.ready_checked_at is not None
-             and now - agent.ready_checked_at <= timedelta(seconds=poll_interval * STALE_AFTER_INTERVALS))
+             and now - agent.ready_checked_at <= _stale_after(poll_interval))
     alive = bool(agent and agent.alive and fresh)
     ready = bool(agent and agent.ready and fresh)
-    if instance.state == InstanceState.READY.value:
+    if instance.state == READY:
         state = (agent.server_state if agent and alive and agent.server_state else
                  "unreachable" if agent and agent.polled_at else "unknown")
     else:
@@ -59,25 +94,45 @@ def normalized_state(instance: Any, agent: Any, poll_interval: float) -> dict[st
         "state": state, "agentReady": ready,
         "agent": {"alive": alive, "ready": ready, "lastSeenAt": isoformat(agent.last_seen_at) if agent else None,
                   "lastError": agent.last_error if agent else None},
-        "players": (agent.players if agent else None) or [],
+        "players": _embedded(agent.players if agent else None, []),
         "version": agent.version if agent else None,
         "updateAvailable": bool(agent and agent.update_available),
-        "operations": (agent.operations if agent else None) or [],
-        "resources": agent.resources if agent else None,
-        "allocatedPorts": instance.allocated_ports or [],
+        "operations": _embedded(agent.operations if agent else None, []),
+        "resources": _embedded(agent.resources if agent else None, None),
+        "allocatedPorts": _embedded(instance.allocated_ports, []),
     }
 
 
-async def list_servers(ctx: Ctx) -> list[dict[str, Any]]:
+def _query_int(ctx: Ctx, name: str, low: int, high: int | None) -> int | None:
+    raw = ctx.query.get(name)
+    if raw is None:
+        return None
+    value = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else None
+    if value is None or value < low or (high is not None and value > high):
+        bound = f"an integer from {low}" + (f" to {high}" if high is not None else "")
+        raise ApiError(400, "VALIDATION_FAILED", [{"field": name, "message": f"must be {bound}"}])
+    return value
+
+
+async def list_servers(ctx: Ctx) -> list[dict[str, Any]] | dict[str, Any]:
+    """Every server the user may see (an admin: all), or one page of them when `pageSize`/`after` ask."""
     owner = None if ctx.me.is_admin else ctx.me.id
-    rows = await ctx.services.store.read(store_instances.server_rows, owner)
-    interval = ctx.services.settings.poll_interval
-    return [normalized_state(instance, agent, interval) for instance, agent in rows]
+    size = _query_int(ctx, "pageSize", 1, MAX_PAGE_SIZE)
+    after = _query_int(ctx, "after", 0, None)
+    paged = size is not None or after is not None
+    limit = (size or 100) + 1 if paged else None  # one more than the page: is there a next one?
+    rows = await ctx.services.store.read(store_instances.portal_rows, owner, after_id=after, limit=limit)
+    interval, now = ctx.services.settings.poll_interval, utcnow()
+    if not paged:
+        return [normalized_state(instance, agent, interval, now) for instance, agent in rows]
+    page = rows[:limit - 1] if limit is not None else rows
+    return {"items": [normalized_state(instance, agent, interval, now) for instance, agent in page],
+            "next": page[-1][0].id if len(rows) > len(page) else None}
 
 
 async def get_server(ctx: Ctx, server_id: int) -> dict[str, Any]:
     owner = None if ctx.me.is_admin else ctx.me.id
-    rows = await ctx.services.store.read(store_instances.server_rows, owner, server_id)
+    rows = await ctx.services.store.read(store_instances.portal_rows, owner, server_id)
     if not rows:
         raise ApiError(404, "SERVER_NOT_FOUND", {"id": server_id})
     instance, agent = rows[0]
