@@ -54,7 +54,6 @@ from .edge.configured import edge_publisher
 from .mailer import Mailer
 from .providers.base import Provider
 from .providers.local import LocalProvider
-from .providers.proxmox import ProxmoxProvider
 from .provisioning import Provisioner
 from .services import Services
 
@@ -270,6 +269,9 @@ def build_provider(settings: Settings, store: Store) -> Provider:
         return LocalProvider(settings.data_dir, agent_args=settings.local_agent_args,
                              stop_agents_on_exit=settings.local_stop_agents_on_exit)
     if settings.provider == "proxmox":
+        # Imported here: proxmoxer and requests (~8 MB) load only when this provider is configured.
+        from .providers.proxmox import ProxmoxProvider
+
         return ProxmoxProvider(settings, store)
     raise ValueError(f"unknown provider {settings.provider!r}")
 
