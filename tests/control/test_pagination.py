@@ -5,6 +5,7 @@ Real gateway on a real socket, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from storage import instances as store_instances
@@ -127,3 +128,21 @@ async def test_openapi_documents_the_page_parameters(gateway: Gateway) -> None:
     assert names["pageSize"]["schema"]["maximum"] == 500 and names["after"]["in"] == "query"
     shapes = operation["responses"]["200"]["content"]["application/json"]["schema"]["oneOf"]
     assert shapes[0]["type"] == "array" and shapes[1]["required"] == ["items", "next"]
+
+
+async def test_a_token_verified_once_still_expires_on_time(gateway: Gateway) -> None:
+    """The hot reads skip re-verifying a signature they already checked (control/auth/tokens.py), never
+    the expiry: moving the clock past it gives 401 TOKEN_EXPIRED on the next read."""
+    from storage import clock
+
+    session = await gateway.register()
+    assert await _get(gateway, session, "/api/servers") == []
+    clock.offset = timedelta(hours=2)
+    try:
+        expired = await gateway.client.get("/api/servers", headers=gateway.bearer(session))
+    finally:
+        clock.offset = timedelta(0)
+    assert expired.status_code == 401 and expired.json()["error"] == "TOKEN_EXPIRED"
+    forged = session["accessToken"][:-4] + ("AAAA" if not session["accessToken"].endswith("AAAA") else "BBBB")
+    refused = await gateway.client.get("/api/servers", headers={"authorization": f"Bearer {forged}"})
+    assert refused.status_code == 401 and refused.json()["error"] == "INVALID_TOKEN"
