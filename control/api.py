@@ -93,7 +93,12 @@ _JSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjs
 
 
 def json_bytes(data: Any) -> bytes:
-    return orjson.dumps(data, default=str, option=_JSON_OPTIONS)
+    try:
+        return orjson.dumps(data, default=str, option=_JSON_OPTIONS)
+    except TypeError:
+        # orjson refuses integers past 64 bits, which json.loads accepts in a request and a handler may
+        # echo back: answer them as json.dumps always did rather than with a 500.
+        return json.dumps(data, separators=(",", ":"), default=str).encode()
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

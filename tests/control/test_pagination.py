@@ -5,6 +5,7 @@ Real gateway on a real socket, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -146,3 +147,19 @@ async def test_a_token_verified_once_still_expires_on_time(gateway: Gateway) -> 
     forged = session["accessToken"][:-4] + ("AAAA" if not session["accessToken"].endswith("AAAA") else "BBBB")
     refused = await gateway.client.get("/api/servers", headers={"authorization": f"Bearer {forged}"})
     assert refused.status_code == 401 and refused.json()["error"] == "INVALID_TOKEN"
+
+
+def test_the_response_encoder_answers_what_json_dumps_answered() -> None:
+    from dataclasses import dataclass
+    from datetime import datetime
+
+    from control.api import json_bytes
+
+    @dataclass
+    class Point:
+        x: int
+
+    moment = datetime(2026, 12, 3, 10, 0, 0)
+    data = {"at": moment, "big": 10**30, 7: "seven", "p": Point(1), "text": "ünï"}
+    assert json.loads(json_bytes(data)) == json.loads(json.dumps(data, default=str))
+    assert json.loads(json_bytes({"at": moment, 7: [1.5, None]})) == {"at": str(moment), "7": [1.5, None]}
