@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, help="seconds per wrk run (default 10; quick 2)")
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
     parser.add_argument("--api-servers", type=int, help="servers for GET /api/servers (default 100; quick 20)")
+    parser.add_argument("--admin-servers", type=int,
+                        help="servers in the admin listing one page is read from (default 10000; quick 500)")
     parser.add_argument("--idle-consoles", type=int, help="open consoles (default 1000; quick 100)")
     parser.add_argument("--fleet", type=lambda s: tuple(int(p) for p in s.split(",")),
                         help="poller fleet sizes to try in order (default 1000,2000,3000,4000; quick 200)")
@@ -92,6 +94,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         console_commands=60 if quick else 400,
         ws_bulk_bytes=64 << 20 if quick else 1 << 30,
         api_servers=args.api_servers or (20 if quick else 100),
+        admin_servers=args.admin_servers or (500 if quick else 10_000),
         idle_consoles=args.idle_consoles or (100 if quick else 1000),
         fleet_sizes=args.fleet or ((200,) if quick else (1000, 2000, 3000, 4000)),
         cluster_fleet=args.cluster_fleet or (300 if quick else 10000),

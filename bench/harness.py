@@ -27,10 +27,17 @@ import httpx
 import peewee
 import trio
 
-from bench.nginx import NginxUpstreams, RunningNginx, nginx_binary, running_nginx
+from bench.nginx import (
+    NginxUpstreams,
+    RunningNginx,
+    nginx_binary,
+    running_nginx,
+    running_small_answer,
+)
 from bench.processes import BenchError, Child, running
 from bench.system import CorePlan, process_tree
 from storage import instances as store_instances
+from storage import users as store_users
 from storage.clock import utcnow
 from storage.db import Store, connect_database
 
@@ -62,6 +69,7 @@ class RunConfig:
     console_commands: int
     ws_bulk_bytes: int
     api_servers: int
+    admin_servers: int
     idle_consoles: int
     fleet_sizes: tuple[int, ...]
     cluster_fleet: int
@@ -129,6 +137,18 @@ class Session:
         return {"Authorization": f"Bearer {self.access_token}"}
 
 
+@dataclass(frozen=True)
+class FastIde:
+    """A dev server whose IDE port is the small-answer nginx (bench/nginx.py), for the small-GET bench."""
+
+    upstream: RunningNginx
+    server_id: int
+
+    @property
+    def port(self) -> int:
+        return int(self.upstream.url.rsplit(":", 1)[1])
+
+
 @dataclass
 class Suite:
     """Everything a scenario may use; scenarios must not start long-lived processes of their own
@@ -145,6 +165,7 @@ class Suite:
     nginx: RunningNginx | None
     nginx_skip: str | None
     http: httpx.AsyncClient
+    fast_ide: FastIde | None = None  # the IDE bench's fast upstream (None: nginx missing, the stand-in is used)
 
     def progress(self, text: str) -> None:
         self.config.progress(text)
@@ -157,6 +178,7 @@ class Suite:
 
 
 EMAIL = "bench@example.com"
+ADMIN_EMAIL = "bench-admin@example.com"
 
 
 def agent_argv(data_dir: Path, secret: str) -> list[str]:
@@ -292,6 +314,25 @@ def insert_instances(owner_id: int, rows: list[AgentRow], name_prefix: str) -> l
     return ids
 
 
+def insert_listing_rows(owner_id: int, count: int) -> int:
+    """`count` ready servers with no agent address (the poller skips them): rows for listing benches."""
+    first = store_instances.next_free_vmid()
+    now = utcnow()
+    for offset in range(count):
+        store_instances.create_instance(
+            vmid=first + offset, owner=owner_id, kind="game", name=f"listing-{offset}", engine_type="minecraft",
+            payload={}, allocated_ports=[], provider="bench", state="ready", ready_at=now)
+    return count
+
+
+async def admin_session(http: httpx.AsyncClient, gateway: RunningGateway) -> Session:
+    """A second bench user with the admin role (the bench user itself stays a plain user)."""
+    await register(http, gateway.url, ADMIN_EMAIL)
+    plain = await login(http, gateway.url, ADMIN_EMAIL)
+    await gateway.storage(store_users.set_role, plain.user_id, "admin")
+    return await login(http, gateway.url, ADMIN_EMAIL)
+
+
 async def wait_agent_ready(http: httpx.AsyncClient, gateway: RunningGateway, session: Session,
                            server_id: int, timeout: float) -> None:
     """Until the gateway's poller has seen the agent ready (data-plane routes may require it)."""
@@ -313,9 +354,17 @@ async def open_suite(config: RunConfig, cores: CorePlan, workdir: Path) -> Async
         gateway = await stack.enter_async_context(
             running_gateway(workdir, cores, poll_interval=config.poll_interval))
         session = await register(http, gateway.url, EMAIL)
-        game_id, dev_id = await gateway.storage(insert_instances, session.user_id, [
-            AgentRow("game", agent.port, agent.secret, agent.ide_port),
-            AgentRow("dev", agent.port, agent.secret, agent.ide_port)], "bench")
+        small_answer: RunningNginx | None = None
+        if nginx_binary() is not None:
+            config.progress("starting the small-answer IDE upstream (nginx, load cores)")
+            small_answer = await stack.enter_async_context(running_small_answer(
+                workdir, cores=cores.load, log_dir=workdir))
+        rows = [AgentRow("game", agent.port, agent.secret, agent.ide_port),
+                AgentRow("dev", agent.port, agent.secret, agent.ide_port)]
+        if small_answer is not None:
+            rows.append(AgentRow("dev", agent.port, agent.secret, int(small_answer.url.rsplit(":", 1)[1])))
+        game_id, dev_id, *fast_id = await gateway.storage(insert_instances, session.user_id, rows, "bench")
+        fast_ide = FastIde(small_answer, fast_id[0]) if small_answer is not None else None
         await wait_agent_ready(http, gateway, session, game_id, timeout=2 * config.poll_interval + 5)
         nginx: RunningNginx | None = None
         nginx_skip: str | None = None
@@ -325,7 +374,10 @@ async def open_suite(config: RunConfig, cores: CorePlan, workdir: Path) -> Async
         else:
             config.progress("starting nginx (proxy core)")
             nginx = await stack.enter_async_context(running_nginx(
-                workdir, NginxUpstreams(agent.port, agent.ide_port, config.nginx_keepalive),
-                cores=cores.proxy, log_dir=workdir))
+                workdir, nginx_upstreams(agent, config.nginx_keepalive, fast_ide), cores=cores.proxy, log_dir=workdir))
         yield Suite(config, cores, workdir, agent, gateway, session, game_id, dev_id, nginx,
-                    nginx_skip, http)
+                    nginx_skip, http, fast_ide)
+
+
+def nginx_upstreams(agent: RunningAgent, keepalive: bool, fast_ide: FastIde | None) -> NginxUpstreams:
+    return NginxUpstreams(agent.port, agent.ide_port, keepalive, fast_ide.port if fast_ide is not None else None)

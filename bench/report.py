@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bench.results import COLUMNS, ScenarioResult
+from bench.results import COLUMNS, ScenarioResult, Target
 
 
 def _figure(value: float | None) -> str:
@@ -44,7 +44,9 @@ def render_table(results: list[ScenarioResult], header: list[str]) -> str:
         if result.error:
             rows.append([result.title, "FAILED", mark(result.error), "", "", "", "", ""])
             continue
-        judged = {t.metric: t for t in result.targets}
+        judged: dict[str, list[Target]] = {}
+        for target in result.targets:
+            judged.setdefault(target.metric, []).append(target)
         for index, metric in enumerate(result.metrics):
             cells = [result.title if index == 0 else "", f"{metric.label} ({metric.unit})"]
             for name in COLUMNS:
@@ -57,13 +59,11 @@ def render_table(results: list[ScenarioResult], header: list[str]) -> str:
                     cells.append(_figure(column.values.get(metric.key)))
             cells.append(_ratio(result.ratio(metric.key, "nginx")))
             cells.append(_ratio(result.ratio(metric.key, "direct")))
-            target = judged.get(metric.key)
-            if target is None:
-                cells.append("")
-            else:
+            verdicts = []
+            for target in judged.get(metric.key, []):
                 met = target.judge(result)[1]
-                verdict = "not judged" if met is None else ("met" if met else "MISSED")
-                cells.append(f"{target.text}: {verdict}")
+                verdicts.append(f"{target.text}: {'not judged' if met is None else ('met' if met else 'MISSED')}")
+            cells.append("; ".join(verdicts))
             rows.append(cells)
         busy = "  ".join(f"core{core} {share:.0%}" for core, share in sorted(result.core_busy.items()))
         if busy:

@@ -41,10 +41,12 @@ from .api import (
     ID_DIGITS,
     AccessLog,
     Route,
+    front_view,
     install_error_handlers,
     install_url_converters,
     make_view,
     openapi_document,
+    route_pattern,
 )
 from .auth import routes as auth
 from .auth.tokens import TokenService
@@ -55,7 +57,6 @@ from .edge.configured import edge_publisher
 from .mailer import Mailer
 from .providers.base import Provider
 from .providers.local import LocalProvider
-from .providers.proxmox import ProxmoxProvider
 from .provisioning import Provisioner
 from .services import Services
 from .sessions import Sessions
@@ -114,9 +115,10 @@ def control_routes() -> list[Route]:
               "instance metadata; idempotent (a repeat answers 404)", tags=("instances",)),
         # Servers: normalized state and control actions
         Route("GET", "/api/servers", servers.list_servers, "Normalized state of every server the user may see",
-              response={"type": "array", "items": servers.SERVER_SCHEMA}, tags=("servers",)),
+              response={"type": "array", "items": servers.SERVER_SCHEMA}, tags=("servers",), hot=True,
+              extra_doc=servers.LIST_DOC),
         Route("GET", "/api/servers/<int:server_id>", servers.get_server, "Normalized state of one server",
-              response=servers.SERVER_SCHEMA, tags=("servers",)),
+              response=servers.SERVER_SCHEMA, tags=("servers",), hot=True),
         Route("POST", "/api/servers/<int:server_id>/start", servers.start, "Start the game server", tags=("servers",)),
         Route("POST", "/api/servers/<int:server_id>/stop", servers.stop, "Stop the game server", tags=("servers",)),
         Route("POST", "/api/servers/<int:server_id>/restart", servers.restart, "Restart the game server",
@@ -245,11 +247,14 @@ def _here(service: Callable[..., Any]) -> Callable[..., Any]:
 FILES_PREFIX = rf"^/api/(?:game/)?servers/(?P<id>{ID_DIGITS})/files/"
 
 
-def data_plane_router(services: Services) -> Callable[[Request], Any]:
-    """The routes gateway/ serves natively, with the rules they need handed in."""
+def data_plane_router(services: Services, control: list[Route]) -> Callable[[Request], Any]:
+    """The routes gateway/ serves natively, with the rules they need handed in, and the control routes
+    marked hot (served on the front server without Quart: control/api.py front_view)."""
     streams = FileStreams(services.upstream, files.stream_authorizer(services), services.metrics)
     ide = services.ide.proxy
-    routes = [
+    hot = [DataRoute(frozenset({route.method}), route_pattern(route), front_view(route, services), route.path)
+           for route in control if route.hot]
+    routes = [*hot,
         DataRoute(frozenset({"GET"}), re.compile(FILES_PREFIX + "download$"), streams.download, "files.download"),
         DataRoute(frozenset({"PUT", "POST"}), re.compile(FILES_PREFIX + "upload$"), streams.upload, "files.upload"),
         DataRoute(frozenset({"PATCH"}), re.compile(FILES_PREFIX + r"uploads/(?P<upload>[A-Za-z0-9_-]{1,128})$"),
@@ -273,6 +278,9 @@ def build_provider(settings: Settings, store: Store) -> Provider:
                              ide_command=settings.local_ide_command,
                              recorded=partial(store.read, store_instances.provider_refs, LocalProvider.name))
     if settings.provider == "proxmox":
+        # Imported here: proxmoxer and requests (~8 MB) load only when this provider is configured.
+        from .providers.proxmox import ProxmoxProvider
+
         return ProxmoxProvider(settings, store)
     raise ValueError(f"unknown provider {settings.provider!r}")
 
@@ -385,7 +393,7 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
                     await ensure_demo(services)
                 if services.cluster is not None:
                     nursery.start_soon(_drain_on_shutdown, shutdown, services.cluster)
-                front = FrontServer(data_plane_router(services), asgi_handler(logged_app), config, metrics,
+                front = FrontServer(data_plane_router(services, routes), asgi_handler(logged_app), config, metrics,
                                     trusted_proxies=trusted_networks(tuple(settings.trusted_proxies)))
                 async with trio.open_nursery() as server:
                     binds = await server.start(front.serve, shutdown)

@@ -5,9 +5,10 @@ at a time per server) and console commands."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
+import orjson
 import pydantic
 
 from gateway.agent_client import forward_agent_result
@@ -18,12 +19,13 @@ from storage import users
 from storage.clock import isoformat, utcnow
 
 from .access import agent_target, grant, listing_owner, owned_instance, server_not_found
-from .api import Body, Ctx
+from .api import Body, Ctx, query_int
 from .lifecycle import InstanceState
 from .services import Services
 
 POWER_HOLD_SECONDS = 60
 STALE_AFTER_INTERVALS = 3
+MAX_PAGE_SIZE = 500
 
 
 class ConsoleCommand(Body):
@@ -40,6 +42,24 @@ SERVER_SCHEMA: dict[str, Any] = {"type": "object", "properties": {
     "operations": {"type": "array"}}}
 
 
+SERVER_PAGE_SCHEMA: dict[str, Any] = {"type": "object", "required": ["items", "next"], "properties": {
+    "items": {"type": "array", "items": SERVER_SCHEMA},
+    "next": {"type": ["integer", "null"], "description": "pass as `after` for the next page; null on the last"}}}
+LIST_DOC: dict[str, Any] = {
+    "description": "Without `pageSize` or `after` the answer is the plain array of every server (what the Portal "
+                   "reads). With either, one page in id order: `{items, next}`; pass `next` back as `after` for the "
+                   "following page (keyset pagination: stable while servers are added or removed).",
+    "parameters": [
+        {"name": "pageSize", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE, "default": 100}},
+        {"name": "after", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0},
+         "description": "the `next` of the previous page: servers with a larger id"}],
+    "responses": {"200": {"description": "the servers (a plain array) or one page of them",
+                          "content": {"application/json": {"schema": {"oneOf": [
+                              {"type": "array", "items": SERVER_SCHEMA}, SERVER_PAGE_SCHEMA]}}}}},
+}
+
+
 def stale_after(services: Services) -> float:
     """Seconds after which a poll result no longer stands for the agent: a few poll intervals, plus,
     with several replicas, the takeover bound — a replica's death pauses its agents' polls until a
@@ -52,15 +72,25 @@ def stale_after(services: Services) -> float:
     return float(window)
 
 
-def normalized_state(instance: Any, agent: Any, stale_after: float) -> dict[str, Any]:
-    """The Portal's view of one server. `agentReady` is the last semantic /ready, and it reads as
-    false once that answer is older than `stale_after` seconds (see `stale_after`)."""
-    now = utcnow()
+
+READY = InstanceState.READY.value  # read once: an Enum member's .value is a property lookup per row
+
+
+def _embedded(text: str | None, empty: Any) -> Any:
+    """A JSON column as stored, embedded in the answer as is (orjson.Fragment): never decoded here."""
+    return orjson.Fragment(text) if text else empty
+
+
+def normalized_state(instance: Any, agent: Any, stale_after: float, now: datetime | None = None) -> dict[str, Any]:
+    """The Portal's view of one server (instance and agent as `store_instances.portal_rows` reads them).
+    `agentReady` is the last semantic /ready, and it reads as false once that answer is older than
+    `stale_after` seconds (see `stale_after`). A listing passes one `now` for all its rows."""
+    now = utcnow() if now is None else now
     fresh = (agent is not None and agent.ready_checked_at is not None
              and now - agent.ready_checked_at <= timedelta(seconds=stale_after))
     alive = bool(agent and agent.alive and fresh)
     ready = bool(agent and agent.ready and fresh)
-    if instance.state == InstanceState.READY.value:
+    if instance.state == READY:
         state = (agent.server_state if agent and alive and agent.server_state else
                  "unreachable" if agent and agent.polled_at else "unknown")
     else:
@@ -71,23 +101,33 @@ def normalized_state(instance: Any, agent: Any, stale_after: float) -> dict[str,
         "state": state, "agentReady": ready,
         "agent": {"alive": alive, "ready": ready, "lastSeenAt": isoformat(agent.last_seen_at) if agent else None,
                   "lastError": agent.last_error if agent else None},
-        "players": (agent.players if agent else None) or [],
+        "players": _embedded(agent.players if agent else None, []),
         "version": agent.version if agent else None,
         "updateAvailable": bool(agent and agent.update_available),
-        "operations": (agent.operations if agent else None) or [],
-        "resources": agent.resources if agent else None,
-        "allocatedPorts": instance.allocated_ports or [],
+        "operations": _embedded(agent.operations if agent else None, []),
+        "resources": _embedded(agent.resources if agent else None, None),
+        "allocatedPorts": _embedded(instance.allocated_ports, []),
     }
 
 
-async def list_servers(ctx: Ctx) -> list[dict[str, Any]]:
-    rows = await ctx.services.store.read(store_instances.server_rows, listing_owner(ctx.me))
-    window = stale_after(ctx.services)
-    return [normalized_state(instance, agent, window) for instance, agent in rows]
+async def list_servers(ctx: Ctx) -> list[dict[str, Any]] | dict[str, Any]:
+    """Every server the user may see (an admin: all), or one page of them when `pageSize`/`after` ask."""
+    paged = ctx.query.get("pageSize") is not None or ctx.query.get("after") is not None
+    size = query_int(ctx, "pageSize", 100, 1, MAX_PAGE_SIZE)
+    after = query_int(ctx, "after", 0) if ctx.query.get("after") is not None else None
+    limit = size + 1 if paged else None  # one more than the page: is there a next one?
+    rows = await ctx.services.store.read(store_instances.portal_rows, listing_owner(ctx.me), after_id=after,
+                                         limit=limit)
+    window, now = stale_after(ctx.services), utcnow()
+    if limit is None:
+        return [normalized_state(instance, agent, window, now) for instance, agent in rows]
+    page = rows[:limit - 1]
+    return {"items": [normalized_state(instance, agent, window, now) for instance, agent in page],
+            "next": page[-1][0].id if len(rows) > len(page) else None}
 
 
 async def server_row(ctx: Ctx, server_id: int) -> tuple[Any, Any]:
-    """One server and its agent state, if `ctx.me` may see it (the one ownership rule)."""
+    """One server and its agent state with the JSON columns decoded, if `ctx.me` may see it."""
     rows = await ctx.services.store.read(store_instances.server_rows, None, server_id)
     grant(ctx.me, rows[0][0].owner_id if rows else None, server_not_found(server_id))
     instance, agent = rows[0]
@@ -95,7 +135,9 @@ async def server_row(ctx: Ctx, server_id: int) -> tuple[Any, Any]:
 
 
 async def get_server(ctx: Ctx, server_id: int) -> dict[str, Any]:
-    instance, agent = await server_row(ctx, server_id)
+    rows = await ctx.services.store.read(store_instances.portal_rows, None, server_id)
+    grant(ctx.me, rows[0][0].owner_id if rows else None, server_not_found(server_id))
+    instance, agent = rows[0]
     return normalized_state(instance, agent, stale_after(ctx.services))
 
 

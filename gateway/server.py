@@ -45,6 +45,7 @@ from hypercorn.config import Config as HypercornConfig
 
 from .errors import ApiError, envelope_bytes
 from .forwarded import Network, header_pairs, real_client
+from .fdio import Splice
 from .logs import log_request
 from .metrics import Metrics
 
@@ -145,7 +146,7 @@ class Exchange:
         self.status = status
         self._held = self._framed(h11.Response(status_code=status, headers=list(headers)))
 
-    async def send_data(self, data: bytes | bytearray | memoryview) -> None:
+    async def send_data(self, data: bytes | bytearray | memoryview | Splice) -> None:
         if not data:
             return
         pieces = self._framed_pieces(h11.Data(data=data))
@@ -191,7 +192,9 @@ class Exchange:
     async def _write(self, pieces: list[Any]) -> None:
         try:
             for piece in pieces:
-                if piece:
+                if isinstance(piece, Splice):  # a zero-copy body run (gateway/fdio.py): it writes itself
+                    await piece.write_to(self._stream)
+                elif piece:
                     await self._stream.send_all(piece)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ClientGone() from exc

@@ -21,6 +21,7 @@ import h11
 import trio
 
 from .outbound import check_request
+from .fdio import Splice
 
 RECEIVE_SIZE = 256 * 1024
 
@@ -81,6 +82,14 @@ class UpstreamResponse:
                 raise UpstreamError("upstream body larger than expected")
         return bytes(parts)
 
+    def detach_body(self) -> tuple[trio.SocketStream, bytes]:
+        """For a zero-copy relay of the body (gateway/streams.py): the socket and the body bytes already
+        read past the head. h11 never sees the rest, so the connection is closed afterwards, not kept."""
+        self._connection.reusable = False
+        self._done = True
+        trailing, _ = self._connection.h11.trailing_data
+        return self._connection.stream, bytes(trailing)
+
     def take_over(self) -> tuple[trio.SocketStream, bytes]:
         """After a 101 Switching Protocols: the raw socket and bytes already read past the head."""
         self._connection.reusable = False
@@ -106,7 +115,9 @@ class _Connection:
     async def send(self, event: object) -> None:
         try:
             for piece in self.h11.send_with_data_passthrough(event) or ():
-                if piece:
+                if isinstance(piece, Splice):  # a zero-copy body run (gateway/fdio.py): it writes itself
+                    await piece.write_to(self.stream)
+                elif piece:
                     await self.stream.send_all(piece)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise UpstreamBroken(str(exc)) from exc
@@ -143,7 +154,7 @@ class UpstreamPool:
         method: str,
         target: str,
         headers: Headers,
-        body: AsyncIterable[bytes] | bytes | None = None,
+        body: AsyncIterable[bytes | Splice] | bytes | None = None,
     ) -> AsyncIterator[UpstreamResponse]:
         """Send a request (streaming `body` if it is an async iterable) and yield the response head;
         the body is read from the response inside the block. The connection returns to the pool only

@@ -4,9 +4,9 @@ through Store.run). The poller is the only writer of AgentState."""
 from __future__ import annotations
 
 import json
+from collections import namedtuple
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from types import SimpleNamespace
 from typing import Any
 
 import peewee
@@ -253,22 +253,82 @@ _INSTANCE_COLUMNS = ("id", "vmid", "kind", "name", "engine_type", "state", "stat
                      "owner_id")
 _AGENT_COLUMNS = ("alive", "ready", "last_seen_at", "ready_checked_at", "last_error", "server_state", "players",
                   "version", "update_available", "operations", "resources", "polled_at")
+_MOMENT_COLUMNS = frozenset({"last_seen_at", "ready_checked_at", "polled_at"})
+PortalInstance = namedtuple("PortalInstance", _INSTANCE_COLUMNS)  # type: ignore[misc]
+PortalAgent = namedtuple("PortalAgent", _AGENT_COLUMNS)  # type: ignore[misc]
+_SPLIT = len(_INSTANCE_COLUMNS)
+
+
+def _moment(value: Any) -> datetime | None:
+    """A timestamp as the driver returned it: a datetime from psycopg2, ISO text from sqlite3
+    (`fromisoformat` is ~20x cheaper than peewee's strptime loop)."""
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(value)
+
+
+_PORTAL_SQL: dict[tuple[Any, ...], str] = {}
+
+
+def _portal_sql(database: Any, shape: tuple[bool, bool, bool, bool]) -> str:
+    """The listing's SQL for one combination of filters, built by peewee once per database kind and
+    reused (building it cost as much as running it). Parameters: owner, id, after, limit, as present."""
+    key = (type(database), database.param, *shape)
+    if key not in _PORTAL_SQL:
+        fields = [getattr(Instance, "owner" if c == "owner_id" else c) for c in _INSTANCE_COLUMNS]
+        fields += [getattr(AgentState, c) for c in _AGENT_COLUMNS]
+        query = Instance.select(*fields).join(AgentState, peewee.JOIN.LEFT_OUTER).order_by(Instance.id)
+        by_owner, by_id, after, limit = shape
+        if by_owner:
+            query = query.where(Instance.owner == 0)
+        if by_id:
+            query = query.where(Instance.id == 0)
+        if after:
+            query = query.where(Instance.id > 0)
+        if limit:
+            query = query.limit(1)
+        _PORTAL_SQL[key] = query.sql()[0]
+    return _PORTAL_SQL[key]
+
+
+def portal_rows(owner_id: int | None, instance_id: int | None = None, *, after_id: int | None = None,
+                limit: int | None = None) -> list[tuple[Any, Any]]:
+    """(instance, agent state) pairs for the Portal's server views, in id order, as read-only named
+    tuples straight from the cursor: the hot read path. The JSON columns (allocatedPorts, players,
+    operations, resources) stay the stored JSON text, so a listing embeds them in its answer without
+    decoding and re-encoding each row. Measured at 100 servers: decoding was a third of the query's CPU;
+    peewee's query building, row wrapping and strptime most of the rest, so the SQL is built once and
+    the rows come from `fetchall`. `after_id`/`limit` page by id (keyset: stable while servers are added,
+    one index range scan at any depth)."""
+    database = Instance._meta.database
+    filters = (owner_id, instance_id, after_id, limit)
+    sql = _portal_sql(database, tuple(value is not None for value in filters))  # type: ignore[arg-type]
+    cursor = database.execute_sql(sql, [value for value in filters if value is not None])
+    rows = []
+    for row in cursor.fetchall():
+        instance = PortalInstance._make(row[:_SPLIT])
+        if row[_SPLIT] is None:  # no agent_state row (LEFT JOIN): alive is NOT NULL in the table
+            rows.append((instance, None))
+            continue
+        (alive, ready, last_seen_at, ready_checked_at, last_error, server_state, players, version, update_available,
+         operations, resources, polled_at) = row[_SPLIT:]
+        rows.append((instance, PortalAgent(
+            bool(alive), bool(ready), _moment(last_seen_at), _moment(ready_checked_at), last_error, server_state,
+            players, version, bool(update_available), operations, resources, _moment(polled_at))))
+    return rows
 
 
 def server_rows(owner_id: int | None, instance_id: int | None = None) -> list[tuple[Any, Any]]:
-    """(instance, agent state) pairs for the Portal's server views, as plain read-only records: the
-    hot read path, so no model objects are built (measured: 5x cheaper at 100 servers)."""
-    fields = [getattr(Instance, "owner" if c == "owner_id" else c).alias(f"i_{c}") for c in _INSTANCE_COLUMNS]
-    fields += [getattr(AgentState, c).alias(f"a_{c}") for c in _AGENT_COLUMNS]
-    query = (Instance.select(*fields).join(AgentState, peewee.JOIN.LEFT_OUTER)
-             .order_by(Instance.id))
-    if owner_id is not None:
-        query = query.where(Instance.owner == owner_id)
-    if instance_id is not None:
-        query = query.where(Instance.id == instance_id)
-    rows = []
-    for row in query.dicts():
-        instance = SimpleNamespace(**{c: row[f"i_{c}"] for c in _INSTANCE_COLUMNS})
-        agent = SimpleNamespace(**{c: row[f"a_{c}"] for c in _AGENT_COLUMNS}) if row["a_alive"] is not None else None
-        rows.append((instance, agent))
-    return rows
+    """`portal_rows` with the JSON columns decoded, for callers that read them (restore progress)."""
+    decoded = []
+    for instance, agent in portal_rows(owner_id, instance_id):
+        instance = instance._replace(allocated_ports=_loads(instance.allocated_ports))
+        if agent is not None:
+            agent = agent._replace(players=_loads(agent.players), operations=_loads(agent.operations),
+                                   resources=_loads(agent.resources))
+        decoded.append((instance, agent))
+    return decoded
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)

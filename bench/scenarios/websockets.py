@@ -86,17 +86,19 @@ def authenticate_console(ws: BlockingWebSocket, token: str) -> None:
             raise BenchError(f"console auth refused: {frame}")
 
 
-async def ide_cookie(suite: Suite) -> dict[str, str]:
-    """Headers that open the IDE proxy for the bench's dev server: token → cookie, as a browser does."""
+async def ide_cookie(suite: Suite, server_id: int | None = None) -> dict[str, str]:
+    """Headers that open the IDE proxy for a dev server (the bench's own by default): token → cookie, as a
+    browser does."""
     session = await suite.fresh_session()
-    path = f"/api/dev/{suite.dev_server_id}/ide-token"
+    server_id = suite.dev_server_id if server_id is None else server_id
+    path = f"/api/dev/{server_id}/ide-token"
     response = await suite.http.post(f"{suite.gateway.url}{path}", headers=session.headers)
     if response.status_code in MISSING_ROUTE_STATUSES:
         raise GatewaySkip(route_missing_reason("POST", path, response.status_code))
     if response.status_code not in (200, 201):
         raise BenchError(f"ide-token answered {response.status_code}: {response.text[:200]}")
     body = response.json()
-    url = str(body.get("url") or body.get("path") or f"/__ide/{suite.dev_server_id}/")
+    url = str(body.get("url") or body.get("path") or f"/__ide/{server_id}/")
     if "token=" not in url:
         url += ("&" if "?" in url else "?") + f"token={body['token']}"
     if url.startswith("/"):

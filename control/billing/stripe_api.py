@@ -9,8 +9,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-import stripe
-
 from storage.billing import SubscriptionMirror
 
 
@@ -50,6 +48,9 @@ def first_item_id(subscription: dict[str, Any]) -> str:
 
 class StripeApi:
     def __init__(self, secret_key: str, *, api_base: str = "", timeout: float = 10.0) -> None:
+        import stripe  # here, not at the top: ~23 MB that a gateway without Stripe configured never loads
+
+        self._error = stripe.StripeError
         self._http = stripe.HTTPXClient(timeout=timeout)
         self._client = stripe.StripeClient(
             secret_key, base_addresses={"api": api_base} if api_base else None, http_client=self._http,
@@ -61,7 +62,7 @@ class StripeApi:
     async def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return await method(*args, **kwargs)
-        except stripe.StripeError as exc:
+        except self._error as exc:
             raise BillingProviderError(exc.user_message or str(exc), exc.http_status, exc.code) from exc
 
     async def create_customer(self, email: str, user_id: int) -> str:
@@ -122,6 +123,6 @@ class StripeApi:
         try:
             async for subscription in page.auto_paging_iter():
                 found.append(_plain(subscription))
-        except stripe.StripeError as exc:
+        except self._error as exc:
             raise BillingProviderError(exc.user_message or str(exc), exc.http_status, exc.code) from exc
         return found

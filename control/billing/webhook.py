@@ -19,7 +19,6 @@ import json
 import logging
 from typing import Any
 
-import stripe
 from quart import request
 
 from gateway.errors import ApiError
@@ -49,6 +48,8 @@ def verified_event(billing: Billing, payload: bytes, signature: str | None) -> d
     secret = billing.settings.stripe_webhook_secret
     if not secret:
         raise ApiError(503, "BILLING_NOT_CONFIGURED", {"reason": "no webhook signing secret"})
+    import stripe  # here, not at the top: only a gateway with a webhook secret loads the library (~23 MB)
+
     try:
         stripe.Webhook.construct_event(payload, signature, secret,
                                        tolerance=billing.settings.stripe_webhook_tolerance)
