@@ -261,13 +261,13 @@ def parse_int(raw: str, low: int, high: int) -> int | None:
 
 
 def query_int(ctx: Ctx, name: str, default: int, low: int = 0, high: int = MAX_ID) -> int:
-    """An integer query parameter, or 422 VALIDATION_FAILED naming it."""
+    """An integer query parameter, or 400 VALIDATION_FAILED naming it."""
     raw = ctx.query.get(name)
     if raw is None or raw == "":
         return default
     value = parse_int(raw, low, high)
     if value is None:
-        raise ApiError(422, "VALIDATION_FAILED", [{"field": name, "message": f"integer in [{low}, {high}]",
+        raise ApiError(400, "VALIDATION_FAILED", [{"field": name, "message": f"integer in [{low}, {high}]",
                                                    "type": "range"}])
     return value
 
