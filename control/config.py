@@ -76,8 +76,9 @@ class Settings:
     proxmox_bridge: str = "vmbr0"
     proxmox_pool: str = ""
     proxmox_swap_mb: int = 512
-    proxmox_timeout: float = 10.0  # one API call
+    proxmox_timeout: float = 30.0  # one API call; must outlast PVE's own 10 s wait for a config lock
     proxmox_task_timeout: float = 600.0  # one PVE task (clone, create, start, …)
+    proxmox_address_timeout: float = 120.0  # a started container's DHCP answer (IPv4 on eth0)
     proxmox_agent_port: int = 18888
     proxmox_ide_port: int = 8080
     # Edge publishing: all empty means the embedded default, which publishes nothing external.
@@ -238,8 +239,8 @@ def _edge_from_env(s: Settings, env: dict[str, str]) -> None:
     for name in ("proxmox_swap_mb", "proxmox_agent_port", "proxmox_ide_port", "dns_ttl"):
         if name.upper() in env:
             setattr(s, name, int(env[name.upper()]))
-    for name in ("proxmox_timeout", "proxmox_task_timeout", "edge_retry_base", "edge_retry_max",
-                 "edge_call_timeout"):
+    for name in ("proxmox_timeout", "proxmox_task_timeout", "proxmox_address_timeout", "edge_retry_base",
+                 "edge_retry_max", "edge_call_timeout"):
         if name.upper() in env:
             setattr(s, name, float(env[name.upper()]))
     if "PROXMOX_VERIFY_SSL" in env:

@@ -58,6 +58,9 @@ class LocalProvider:
             json.dump(record, handle)
         os.replace(tmp, path)
 
+    async def claim_vmid(self, instance_id: int, vmid: int) -> int:
+        return vmid  # every directory under root is ours: nothing else can hold a VMID here
+
     async def create(self, spec: ContainerSpec) -> Container:
         async with self._lock(spec.vmid):
             record = self._record(spec.vmid)
