@@ -128,6 +128,9 @@ class FakePve:
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.created: list[int] = []  # every VMID a create or clone task made, in order
         self.dhcp_answers = True  # False: eth0 of a running container never gets an IPv4 address
+        self.eth0_address: str | None = None  # every container's eth0 address (default 10.10.x.y by VMID)
+        # The template's PVE hookscript at pre-start (a test starts the agent here); runs in the server thread.
+        self.prestart: Callable[[Ct], None] | None = None
         self.lock = threading.RLock()
         self._pid = 0x1000
         self._dir = Path(tempfile.mkdtemp(prefix="zlh-pve-"))
@@ -368,7 +371,7 @@ class FakePve:
                 return None  # PVE: 200 with data null for a stopped container
             eth0: dict[str, str] = {"name": "eth0", "hwaddr": "bc:24:11:00:00:01", "inet6": "fe80::1/64"}
             if self.dhcp_answers:
-                eth0["inet"] = f"10.10.{vmid // 256 % 256}.{vmid % 256}/16"
+                eth0["inet"] = self.eth0_address or f"10.10.{vmid // 256 % 256}.{vmid % 256}/16"
             return [{"name": "lo", "inet": "127.0.0.1/8"}, eth0]
         match = re.fullmatch(r"/status/(start|stop|shutdown)", rest)
         if match and method == "POST":
@@ -378,8 +381,13 @@ class FakePve:
             if action == "start" and ct.status == "running":
                 raise PveError(500, f"CT {vmid} already running")
             target = "running" if action == "start" else "stopped"
-            return self._new_task(f"vz{action}", vmid, on_success=lambda: setattr(ct, "status", target),
-                                  error=task_error)
+
+            def done() -> None:
+                if action == "start" and self.prestart is not None:
+                    self.prestart(ct)
+                ct.status = target
+
+            return self._new_task(f"vz{action}", vmid, on_success=done, error=task_error)
         raise PveError(501, f"Method '{method} {path}' not implemented")
 
     def _create(self, form: dict[str, str], task_error: str | None) -> str:
