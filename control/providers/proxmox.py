@@ -22,7 +22,7 @@ moves to it, so concurrent provisionings on one or several replicas never collid
 Reconciliation: a clone or create that gets no answer (timeout, dropped connection) may still have
 been carried out — PVE waits up to 10 s for a config lock before it answers, which is why the per-call
 timeout defaults to 30 s. The provider never assumes: it looks at the node's config (the marker) and
-its task list for up to one more call timeout. A marked container, or a task of ours, means the call
+its task list for up to one more call timeout (at least PVE's 10 s lock wait and a margin). A marked container, or a task of ours, means the call
 took effect: it is adopted (its task awaited, its result taken as PVE defines it) and provisioning goes
 on; a task that failed fails provisioning with the task log (PVE removed the half-made container);
 no trace means it did not happen. A provisioning abandoned later destroys the (marked) container in its
@@ -67,6 +67,7 @@ SECRET_LINE = "zlh-agent-secret:"
 MARKER_LINE = "zlh-instance:"
 _MARKER = re.compile(r"^zlh-instance: (\d+) vmid=(\d+) nonce=([0-9a-f]{32})$", re.MULTILINE)
 _EXISTS = re.compile(r"already exists", re.IGNORECASE)
+PVE_LOCK_WAIT = 10.0  # PVE waits this long for a config lock before it answers (or fails) a call
 
 __all__ = ["MARKER_LINE", "SECRET_LINE", "TAG", "ContainerMissing", "NotOurs", "Ownership", "ProxmoxProvider",
            "TaskFailed", "container_tags", "disk_size_gb"]
@@ -110,7 +111,8 @@ class ProxmoxProvider:
     name = "proxmox"
 
     def __init__(self, settings: Settings, store: Store, *, lock_retries: int = 8, backoff: float = 0.5,
-                 max_backoff: float = 15.0, poll_interval: float = 0.25) -> None:
+                 max_backoff: float = 15.0, poll_interval: float = 0.25,
+                 reconcile_window: float | None = None) -> None:
         if not (settings.proxmox_url and settings.proxmox_token_id and settings.proxmox_node):
             raise ProviderError("the Proxmox provider needs PROXMOX_URL, PROXMOX_TOKEN_ID and PROXMOX_NODE")
         url = urlsplit(settings.proxmox_url)
@@ -122,6 +124,9 @@ class ProxmoxProvider:
         self.store = store
         self.node = settings.proxmox_node
         self.poll_interval = poll_interval
+        # How long an unanswered create may take to show in PVE: one more call timeout, and at least
+        # PVE's own lock wait (plus a margin) when the call timeout was set below it.
+        self.reconcile_window = reconcile_window or max(settings.proxmox_timeout, PVE_LOCK_WAIT + 5.0)
         self.ownership = Ownership(settings.jwt_secret)
         api = ProxmoxAPI(url.hostname, port=url.port or 8006, user=user, token_name=token_name,
                          token_value=settings.proxmox_token_secret, verify_ssl=verify,
@@ -221,21 +226,6 @@ class ProxmoxProvider:
             skip.add(candidate)
         raise ProviderError(f"no free VMID from {vmid}")
 
-    async def reserve_vmid(self, request_key: str) -> int:
-        """A VMID for one request, free in our database and in PVE: the same on every retry."""
-        held = await self.store.run(edge_store.vmid_for_request, request_key)
-        if held is not None:
-            return held
-        floor = int(await self.pve.call("next free VMID", self.pve.api.cluster.nextid.get, idempotent=True))
-        in_pve = await self._vmids_in_pve()
-        for _ in range(edge_store.MAX_RESERVATION_TRIES):
-            vmid = await self.store.run(edge_store.reserve_vmid, request_key, floor, frozenset(in_pve))
-            if await self._config(vmid) is None:
-                return vmid
-            await self.release_vmid(vmid)  # made meanwhile, outside our table
-            in_pve.add(vmid)
-        raise ProviderError(f"no free VMID from {floor}")
-
     async def release_vmid(self, vmid: int) -> None:
         await self.store.run(edge_store.release_vmid, vmid)
 
@@ -330,21 +320,28 @@ class ProxmoxProvider:
         the task PVE started failed, ProviderError if PVE shows no trace of the call."""
         what, kind, task_vmid, _ = self._make_call(spec)
         log.warning("no answer to a create, reconciling", extra={"fields": {"vmid": spec.vmid, "reason": str(unanswered)}})
-        window = self.settings.proxmox_timeout
+        window = self.reconcile_window
+        awaited: set[str] = set()
         with trio.move_on_after(window):
             while True:
                 if await self._config(spec.vmid) is not None:
                     log.info("unanswered create took effect: adopting", extra={"fields": {"vmid": spec.vmid}})
                     return
                 task = await self.pve.find_task(kind, task_vmid, since)
-                if task is not None:
-                    outcome = await self.pve.wait_task(what, str(task["upid"]))  # raises TaskFailed
+                if task is not None and str(task["upid"]) not in awaited:
+                    # A clone's task names only its source: another caller's clone of the same template
+                    # may be the one found, so only a failure with our container absent is decisive.
+                    awaited.add(str(task["upid"]))
+                    try:
+                        outcome = await self.pve.wait_task(what, str(task["upid"]))
+                    except TaskFailed:
+                        if await self._config(spec.vmid) is None:
+                            raise
+                        continue
                     await self._record_warnings(spec.instance_id, spec.vmid, what, outcome)
-                    if await self._config(spec.vmid) is not None:
-                        return
-                    raise ProviderError(f"{what}: its task ended {outcome.exitstatus} but CT {spec.vmid} is absent")
+                    continue
                 await trio.sleep(self.poll_interval)
-        raise ProviderError(f"{what}: {unanswered}; PVE shows no trace of it after {window:.0f}s more (not carried out)")
+        raise ProviderError(f"{what}: {unanswered}; PVE shows no trace of it after {window:g}s more (not carried out)")
 
     async def _make_failure(self, spec: ContainerSpec, since: float) -> ProviderError:
         """The half-made container disappeared (PVE removes it when the task fails): the task's reason."""

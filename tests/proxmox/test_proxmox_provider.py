@@ -57,9 +57,10 @@ def pve_settings(pve: FakePve, tmp_path: Path, **overrides: object) -> Settings:
     return Settings.from_env(env={}, **values)
 
 
-def make_provider(pve: FakePve, store: Store, tmp_path: Path, **overrides: object) -> ProxmoxProvider:
+def make_provider(pve: FakePve, store: Store, tmp_path: Path, reconcile_window: float = 5.0,
+                  **overrides: object) -> ProxmoxProvider:
     return ProxmoxProvider(pve_settings(pve, tmp_path, **overrides), store, backoff=0.02, max_backoff=0.1,
-                           poll_interval=0.02)
+                           poll_interval=0.02, reconcile_window=reconcile_window)
 
 
 @pytest.fixture
@@ -380,10 +381,10 @@ async def test_late_clone_whose_task_fails_fails_with_its_log_and_leaves_nothing
 
 async def test_a_dropped_clone_that_never_happened_fails_clearly(pve: FakePve, store: Store,
                                                                  tmp_path: Path) -> None:
-    provider = make_provider(pve, store, tmp_path, proxmox_timeout=0.3)
+    provider = make_provider(pve, store, tmp_path, reconcile_window=0.5, proxmox_timeout=0.3)
     spec = await claimed(provider, store)
     pve.inject(Rule("POST", rf"/nodes/pve/lxc/{TEMPLATE}/clone", "drop"))
-    with pytest.raises(ProviderError, match="no trace of it"):
+    with pytest.raises(ProviderError, match=r"no trace of it after 0.5s more \(not carried out\)"):
         await provider.create(spec)
     assert pve.created == [] and len(pve.calls("POST", rf"/nodes/pve/lxc/{TEMPLATE}/clone")) == 1
     assert pve.calls("GET", "/nodes/pve/tasks")
@@ -422,10 +423,13 @@ async def test_hung_api_call_costs_one_timeout_then_succeeds(pve: FakePve, store
     assert 0.5 <= trio.current_time() - started < 1.9
 
 
-def test_the_default_call_timeout_outlasts_pves_lock_wait(tmp_path: Path) -> None:
+async def test_the_default_call_timeout_outlasts_pves_lock_wait(pve: FakePve, store: Store, tmp_path: Path) -> None:
     settings = Settings.from_env(env={"PROXMOX_ADDRESS_TIMEOUT": "45"}, data_dir=tmp_path, jwt_secret=TEST_SECRET)
     assert settings.proxmox_timeout > 10.0  # PVE waits up to 10 s for a config lock before it answers
     assert settings.proxmox_address_timeout == 45.0
+    # Even with a short call timeout, an unanswered create is watched for longer than PVE's lock wait.
+    short = ProxmoxProvider(pve_settings(pve, tmp_path, proxmox_timeout=2.0), store)
+    assert short.reconcile_window > 10.0
 
 
 async def test_wrong_token_is_refused(pve: FakePve, store: Store, tmp_path: Path) -> None:
