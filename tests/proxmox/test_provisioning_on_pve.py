@@ -51,7 +51,7 @@ def settings(database_url: str, tmp_path: Path, pve: FakePve, agent_port: int) -
         poll_interval=0.5, ready_timeout=30.0, provider="proxmox", proxmox_url=pve.url,
         proxmox_token_id=pve.token_id, proxmox_token_secret=pve.token_secret, proxmox_node=pve.node,
         proxmox_ca_bundle=str(pve.cert_path), proxmox_template=str(TEMPLATE), proxmox_agent_port=agent_port,
-        proxmox_address_timeout=1.0)
+        proxmox_address_timeout=1.0, proxmox_timeout=1.0)
 
 
 @pytest.fixture
@@ -123,3 +123,25 @@ async def test_delete_is_refused_when_another_container_now_holds_our_vmid(
     assert pve.mutations_of(vmid)[before:] == []
     server = (await gateway.client.get(f"/api/servers/{instance['id']}", headers=gateway.bearer(session))).json()
     assert "refused to destroy" in server["stateReason"]
+
+
+async def test_a_clone_answered_after_the_timeout_is_adopted_and_provisions_to_ready(
+        pve: FakePve, hookscript: list[str], gateway: Gateway) -> None:
+    # PVE sat on the clone past our 1 s call timeout (a config lock), then carried it out.
+    pve.inject(Rule("POST", rf"/nodes/pve/lxc/{TEMPLATE}/clone", "delay", seconds=1.6))
+    session = await gateway.register()
+    instance = await gateway.provision(session, "game", "late")
+    assert pve.created == [instance["vmid"]] and len(pve.calls("POST", rf"/nodes/pve/lxc/{TEMPLATE}/clone")) == 1
+    assert pve.containers[instance["vmid"]].status == "running"
+
+
+async def test_a_late_clone_of_a_provisioning_that_then_fails_is_removed(pve: FakePve, gateway: Gateway) -> None:
+    pve.inject(Rule("POST", rf"/nodes/pve/lxc/{TEMPLATE}/clone", "delay", seconds=1.6))
+    pve.dhcp_answers = False
+    session = await gateway.register()
+    response = await gateway.client.post("/api/instances", headers=gateway.bearer(session), json={
+        "kind": "game", "name": "late-and-failed", "engineType": "minecraft", "payload": {}})
+    sid = response.json()["id"]
+    server = await gateway.wait_for(lambda b: b.get("instanceState") == "failed", f"/api/servers/{sid}", session)
+    assert "DHCP never answered" in server["stateReason"]
+    assert pve.created == [server["vmid"]] and pve.containers.keys() == {TEMPLATE}  # nothing of ours left
