@@ -258,7 +258,7 @@ async def test_concurrent_claims_get_distinct_vmids_and_skip_what_pve_holds(
     # Every row holds the VMID it claimed, and claiming again answers the same.
     for instance in instances:
         row = await provider.store.run(store_instances.get_instance, instance.id)
-        assert row.vmid == got[instance.id]
+        assert row is not None and row.vmid == got[instance.id]
         assert await provider.claim_vmid(instance.id, row.vmid) == row.vmid
     assert pve.mutations_of(proposed[2]) == []
 
@@ -271,7 +271,7 @@ async def test_a_foreign_container_at_the_chosen_vmid_is_never_touched(pve: Fake
     vmid = await provider.claim_vmid(instance.id, instance.vmid)
     assert vmid != foreign and vmid not in pve.containers
     row = await provider.store.run(store_instances.get_instance, instance.id)
-    assert row.vmid == vmid
+    assert row is not None and row.vmid == vmid
     skipped = await audit_rows(provider.store, "instance.vmid_skipped")
     assert skipped[0].details["vmid"] == foreign
     await provider.create(spec_for(vmid, instance.id))
