@@ -185,8 +185,11 @@ class Settings(BaseModel):
     proxmox_bridge: str = setting("vmbr0", "PROXMOX_BRIDGE", "network bridge of new containers")
     proxmox_pool: str = setting("", "PROXMOX_POOL", "resource pool of new containers")
     proxmox_swap_mb: int = setting(512, "PROXMOX_SWAP_MB", "swap of new containers (MB)")
-    proxmox_timeout: float = setting(10.0, "PROXMOX_TIMEOUT", "seconds one PVE API call may take")
+    proxmox_timeout: float = setting(30.0, "PROXMOX_TIMEOUT", "seconds one PVE API call may take; must outlast "
+                                     "PVE's own 10 s wait for a config lock")
     proxmox_task_timeout: float = setting(600.0, "PROXMOX_TASK_TIMEOUT", "seconds one PVE task may take")
+    proxmox_address_timeout: float = setting(120.0, "PROXMOX_ADDRESS_TIMEOUT",
+                                             "seconds a started container's DHCP answer (IPv4 on eth0) may take")
     proxmox_agent_port: int = setting(18888, "PROXMOX_AGENT_PORT", "agent port inside a container")
     proxmox_ide_port: int = setting(8080, "PROXMOX_IDE_PORT", "code-server port inside a dev container")
     # Edge publishing: all empty means the embedded default, which publishes nothing external.

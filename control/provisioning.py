@@ -39,7 +39,7 @@ from storage.db import Store
 from .cluster import OperationTakeover
 from .edge import EdgePublisher, PublishedInstance
 from .lifecycle import PROVISIONING, InstanceState, is_provisioning, next_instance_state
-from .providers.base import ContainerSpec, Provider, ProviderError
+from .providers.base import ContainerSpec, NotOurs, Provider, ProviderError
 
 log = logging.getLogger("zlh.provisioning")
 
@@ -161,11 +161,13 @@ class Provisioner:
 
     async def _create_container(self, instance: Any) -> Any:
         payload = instance.payload or {}
+        instance.vmid = await self.provider.claim_vmid(instance.id, instance.vmid)  # moves the row if it must
         spec = ContainerSpec(
             vmid=instance.vmid, kind=instance.kind, name=instance.name,
             hostname=f"{instance.kind}-{instance.vmid}", engine_type=instance.engine_type,
             cores=int(payload.get("cores", 1)), memory_mb=int(payload.get("memoryMb", 1024)),
             disk_gb=int(payload.get("diskGb", 8)), agent_secret=instance.agent_secret, payload=payload,
+            instance_id=instance.id,
         )
         container = None
         if instance.provider_ref:  # a driver before this one got as far as making it: adopt that
@@ -239,7 +241,11 @@ class Provisioner:
                     raise ApiError(404, "SERVER_NOT_FOUND", {"id": instance_id}) from None
         with trio.CancelScope(shield=True):
             await self.edge.unpublish(published(instance))
-            await self.provider.destroy(instance.vmid)
+            try:
+                await self.provider.destroy(instance.vmid)
+            except NotOurs as exc:  # the container there is not provably ours: left alone, the row kept
+                await self.store.run(store_instances.update_instance, instance.id, state_reason=str(exc))
+                raise ApiError(409, "CONTAINER_NOT_OURS", {"vmid": instance.vmid, "reason": str(exc)}) from None
 
             def archive() -> Any:
                 record = store_instances.archive_and_delete(instance.id, "deleted")

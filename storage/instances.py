@@ -64,6 +64,21 @@ def update_instance(instance_id: int, **fields: Any) -> None:
     Instance.update(**fields).where(Instance.id == instance_id).execute()
 
 
+def move_instance_vmid(instance_id: int, old_vmid: int, new_vmid: int) -> bool:
+    """Give an instance another VMID (its own was found taken outside the gateway). False when the
+    instance no longer holds `old_vmid`, or `new_vmid` is held by another instance or was used before
+    (archived): a VMID is never shared or reused."""
+    if InstanceArchive.select().where(InstanceArchive.vmid == new_vmid).exists():
+        return False
+    try:
+        with Instance._meta.database.atomic():
+            query = Instance.update(vmid=new_vmid, updated_at=utcnow()).where(
+                (Instance.id == instance_id) & (Instance.vmid == old_vmid))
+            return bool(query.execute())
+    except peewee.IntegrityError:
+        return False
+
+
 def move_instance(instance_id: int, expected_state: str, **fields: Any) -> bool:
     """Update the row only if it is still in `expected_state` (compare-and-set): False when another
     actor (a delete, another replica) moved it first."""

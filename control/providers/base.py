@@ -17,6 +17,10 @@ class ProviderError(Exception):
     pass
 
 
+class NotOurs(ProviderError):
+    """The provider cannot prove it created the container at a VMID, so it refused and did nothing."""
+
+
 @dataclass(frozen=True)
 class ContainerSpec:
     vmid: int
@@ -29,6 +33,7 @@ class ContainerSpec:
     disk_gb: int
     agent_secret: str
     payload: dict[str, Any] = field(default_factory=dict)
+    instance_id: int = 0  # the instance this container is for (the Proxmox ownership marker names it)
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,10 @@ class Provider(Protocol):
 
     def placement(self, spec: ContainerSpec) -> str:
         """The `provider_ref` of the container `create(spec)` makes, known before it is made."""
+
+    async def claim_vmid(self, instance_id: int, vmid: int) -> int:
+        """The VMID the instance's container is made at: `vmid` when the provider can use it, else
+        another it has reserved and moved the instance row to (the same on every retry)."""
 
     async def create(self, spec: ContainerSpec) -> Container:
         """Create and boot the container with its agent configured with `spec.agent_secret`."""

@@ -75,6 +75,9 @@ class LocalProvider:
     def placement(self, spec: ContainerSpec) -> str:
         return str(self._dir(spec.vmid))
 
+    async def claim_vmid(self, instance_id: int, vmid: int) -> int:
+        return vmid  # every directory under root is ours: nothing else can hold a VMID here
+
     async def create(self, spec: ContainerSpec) -> Container:
         async with self._lock(spec.vmid):
             record = self._record(spec.vmid)

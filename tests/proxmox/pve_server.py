@@ -2,11 +2,19 @@
 API-token auth (`PVEAPIToken=user@realm!id=secret`), form-encoded bodies, `{"data": …}` answers,
 error messages in the HTTP reason phrase (where proxmoxer reads them), and LXC tasks that run
 asynchronously under real UPIDs. Failures are injected by rule: HTTP errors, "CT is locked",
-task errors and slow answers.
+task errors, tasks that end `WARNINGS: n` and slow answers (a `delay` answers late but still carries the
+call out, as PVE does after waiting out a config lock). A container made by another team
+(`add_container`) sits beside ours, and `dhcp_answers = False` makes eth0 never get an address.
 
-It models what the provider relies on, as PVE behaves: a container being created or cloned carries a
-lock until its task ends and every mutating call on a locked container fails; a clone whose source is
-busy with another clone fails with a lock error; destroying a running container is refused;
+It models what the provider relies on, as PVE behaves (pve-container `src/PVE/API2/LXC.pm`, pve-common
+`PVE/Tools.pm`): a container being created or cloned carries a `create` lock until its task ends and
+every mutating call on a locked container fails; a clone locks its source with `disk` (template or
+not), so a second clone of a busy source fails with a lock error; `clone` and `create` accept
+`description`, written into the new config before the task starts; a task ending `OK` or
+`WARNINGS: n` succeeded, anything else failed (a failed create/clone removes its container);
+destroying a running container is refused; `GET …/interfaces` of a stopped container answers
+`data: null`; `GET /nodes/{node}/tasks` lists tasks by `vmid`/`typefilter` (a clone's task is filed
+under its *source* VMID, as in PVE); `GET /cluster/resources?type=vm` lists every guest;
 `/cluster/nextid` answers the lowest free VMID, racing exactly like the real one. It must never be
 used outside tests: it keeps everything in memory and trusts any well-formed request."""
 
@@ -58,6 +66,10 @@ def make_self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+class ConnectionDropped(Exception):
+    """The handler closes the connection without an answer; nothing was done."""
+
+
 class PveError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -67,11 +79,12 @@ class PveError(Exception):
 
 @dataclass
 class Rule:
-    """An injected failure: the next `times` requests matching method and path fail this way."""
+    """An injected failure: the next `times` requests matching method and path fail this way, after
+    `seconds` (a `delay` only waits; any other kind waits, then fails as it says)."""
 
     method: str
     path: str  # regular expression over the path below /api2/json
-    kind: str  # http | locked | task_error | delay
+    kind: str  # http | locked | task_error | task_warning | delay | drop (close, do nothing)
     times: int = 1
     status: int = 500
     message: str = "internal error"
@@ -87,6 +100,7 @@ class Task:
     duration: float
     exitstatus: str = "OK"
     log: list[str] = field(default_factory=list)
+    starttime: int = 0
     on_success: Callable[[], None] | None = None
     on_end: Callable[[], None] | None = None
     finished: bool = False
@@ -113,6 +127,10 @@ class FakePve:
         self.rules: list[Rule] = []
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.created: list[int] = []  # every VMID a create or clone task made, in order
+        self.dhcp_answers = True  # False: eth0 of a running container never gets an IPv4 address
+        self.eth0_address: str | None = None  # every container's eth0 address (default 10.10.x.y by VMID)
+        # The template's PVE hookscript at pre-start (a test starts the agent here); runs in the server thread.
+        self.prestart: Callable[[Ct], None] | None = None
         self.lock = threading.RLock()
         self._pid = 0x1000
         self._dir = Path(tempfile.mkdtemp(prefix="zlh-pve-"))
@@ -160,9 +178,23 @@ class FakePve:
         with self.lock:
             self.containers[vmid] = Ct(vmid, {"hostname": hostname, "template": 1}, template=True)
 
-    def add_container(self, vmid: int, hostname: str, status: str = "stopped", tags: str = "") -> None:
+    def add_container(self, vmid: int, hostname: str, status: str = "stopped", tags: str = "",
+                      description: str = "") -> None:
+        """A container the gateway did not make (another team's, or one made by hand)."""
         with self.lock:
-            self.containers[vmid] = Ct(vmid, {"hostname": hostname, "tags": tags}, status=status)
+            config = {"hostname": hostname, "tags": tags, "rootfs": f"local-lvm:vm-{vmid}-disk-0,size=8G"}
+            if description:
+                config["description"] = description
+            self.containers[vmid] = Ct(vmid, config, status=status)
+
+    def requests_for(self, vmid: int) -> list[tuple[str, str]]:
+        """Every (method, path) that named CT `vmid`, in order."""
+        with self.lock:
+            return [(m, p) for m, p, _ in self.requests if re.fullmatch(rf"/nodes/{self.node}/lxc/{vmid}(/.*)?", p)]
+
+    def mutations_of(self, vmid: int) -> list[tuple[str, str]]:
+        """The calls that would change CT `vmid`: anything but a GET."""
+        return [(m, p) for m, p in self.requests_for(vmid) if m != "GET"]
 
     def calls(self, method: str, pattern: str) -> list[dict[str, str]]:
         with self.lock:
@@ -176,9 +208,12 @@ class FakePve:
         started = int(time.time())
         upid = f"UPID:{self.node}:{self._pid:08X}:{self._pid * 7:08X}:{started:08X}:{kind}:{vmid}:{self.token_id}:"
         task = Task(upid, kind, str(vmid), time.monotonic(), self.task_seconds,
-                    on_success=on_success, on_end=on_end)
+                    on_success=on_success, on_end=on_end, starttime=started)
         task.log.append(f"starting task {kind} for {vmid}")
-        if error is not None:
+        if error is not None and error.startswith("WARN: "):
+            task.exitstatus = "WARNINGS: 1"
+            task.log.extend([error, "TASK WARNINGS: 1"])
+        elif error is not None:
             task.exitstatus = error
             task.log.append(error)
         else:
@@ -190,7 +225,7 @@ class FakePve:
         if task.finished or time.monotonic() < task.started + task.duration:
             return
         task.finished = True
-        if task.exitstatus == "OK" and task.on_success is not None:
+        if not task_status_is_error(task.exitstatus) and task.on_success is not None:
             task.on_success()
         if task.on_end is not None:
             task.on_end()
@@ -208,15 +243,22 @@ class FakePve:
             for task in self.tasks.values():
                 self._settle(task)
             rule = self._matching_rule(method, path)
+        if rule is not None and rule.seconds:
+            time.sleep(rule.seconds)  # then carried out all the same, as PVE does after a lock wait
         if rule is not None and rule.kind == "delay":
-            time.sleep(rule.seconds)
             rule = None
+        if rule is not None and rule.kind == "drop":
+            raise ConnectionDropped(path)
         with self.lock:
             if rule is not None and rule.kind == "http":
                 raise PveError(rule.status, rule.message)
             if rule is not None and rule.kind == "locked":
                 raise PveError(500, rule.message)
-            task_error = rule.message if rule is not None and rule.kind == "task_error" else None
+            task_error = None
+            if rule is not None and rule.kind == "task_error":
+                task_error = rule.message
+            if rule is not None and rule.kind == "task_warning":
+                task_error = "WARN: " + rule.message
             return self._route(method, path, form, task_error)
 
     def _matching_rule(self, method: str, path: str) -> Rule | None:
@@ -251,6 +293,15 @@ class FakePve:
                     raise PveError(400, f"VM {wanted} already exists")
                 return str(wanted)
             return str(self._next_free())
+        if method == "GET" and path == "/cluster/resources":
+            if form.get("type", "vm") != "vm":
+                raise PveError(400, "test server lists type=vm only")
+            return [{"id": f"lxc/{ct.vmid}", "type": "lxc", "vmid": ct.vmid, "node": node, "status": ct.status,
+                     "name": ct.config.get("hostname"), "template": int(ct.template),
+                     **({"tags": ct.config["tags"]} if ct.config.get("tags") else {})}
+                    for ct in self.containers.values()]
+        if method == "GET" and path == f"/nodes/{node}/tasks":
+            return self._task_list(form)
         match = re.fullmatch(rf"/nodes/{node}/tasks/([^/]+)/(status|log)", path)
         if match and method == "GET":
             task = self.tasks.get(match.group(1))
@@ -317,10 +368,11 @@ class FakePve:
         if rest == "/interfaces" and method == "GET":
             ct = self._ct(vmid)
             if ct.status != "running":
-                raise PveError(500, f"CT {vmid} not running")
-            return [{"name": "lo", "inet": "127.0.0.1/8"},
-                    {"name": "eth0", "inet": f"10.10.{vmid // 256 % 256}.{vmid % 256}/16",
-                     "hwaddr": "bc:24:11:00:00:01"}]
+                return None  # PVE: 200 with data null for a stopped container
+            eth0: dict[str, str] = {"name": "eth0", "hwaddr": "bc:24:11:00:00:01", "inet6": "fe80::1/64"}
+            if self.dhcp_answers:
+                eth0["inet"] = self.eth0_address or f"10.10.{vmid // 256 % 256}.{vmid % 256}/16"
+            return [{"name": "lo", "inet": "127.0.0.1/8"}, eth0]
         match = re.fullmatch(r"/status/(start|stop|shutdown)", rest)
         if match and method == "POST":
             ct = self._ct(vmid)
@@ -329,8 +381,13 @@ class FakePve:
             if action == "start" and ct.status == "running":
                 raise PveError(500, f"CT {vmid} already running")
             target = "running" if action == "start" else "stopped"
-            return self._new_task(f"vz{action}", vmid, on_success=lambda: setattr(ct, "status", target),
-                                  error=task_error)
+
+            def done() -> None:
+                if action == "start" and self.prestart is not None:
+                    self.prestart(ct)
+                ct.status = target
+
+            return self._new_task(f"vz{action}", vmid, on_success=done, error=task_error)
         raise PveError(501, f"Method '{method} {path}' not implemented")
 
     def _create(self, form: dict[str, str], task_error: str | None) -> str:
@@ -358,14 +415,35 @@ class FakePve:
         ct = Ct(newid, config, lock="create")
         self.containers[newid] = ct
         self.created.append(newid)
-        src.lock = "clone"  # held while the (full) clone copies the source's volumes
+        src.lock = "disk"  # PVE: set_lock($vmid, 'disk') on the source, template or not
 
         def ended() -> None:
             src.lock = None
             self._drop_if_failed(ct)()
 
-        return self._new_task("vzclone", newid, on_success=lambda: setattr(ct, "lock", None), on_end=ended,
+        # PVE files the clone's task under the source VMID (fork_worker('vzclone', $vmid, …)).
+        return self._new_task("vzclone", source, on_success=lambda: setattr(ct, "lock", None), on_end=ended,
                               error=task_error)
+
+    def _task_list(self, form: dict[str, str]) -> list[dict[str, Any]]:
+        """`GET /nodes/{node}/tasks`: newest first, filtered by `vmid` and `typefilter`; `source`
+        archive (default: finished tasks), active or all; a finished task's `status` is its exit status."""
+        source = form.get("source", "archive")
+        listed = []
+        for task in sorted(self.tasks.values(), key=lambda t: t.started, reverse=True):
+            self._settle(task)
+            if "vmid" in form and task.id != form["vmid"]:
+                continue
+            if "typefilter" in form and task.type != form["typefilter"]:
+                continue
+            if (source == "archive" and not task.finished) or (source == "active" and task.finished):
+                continue
+            entry: dict[str, Any] = {"upid": task.upid, "node": self.node, "type": task.type, "id": task.id,
+                                     "user": self.token_id, "starttime": task.starttime}
+            if task.finished:
+                entry.update(status=task.exitstatus, endtime=task.starttime + 1)
+            listed.append(entry)
+        return listed[: int(form.get("limit", 50))]
 
     def _drop_if_failed(self, ct: Ct) -> Callable[[], None]:
         def end() -> None:
@@ -373,6 +451,11 @@ class FakePve:
                 self.containers.pop(ct.vmid, None)
 
         return end
+
+
+def task_status_is_error(exitstatus: str) -> bool:
+    """pve-common's upid_status_is_error: `OK` and `WARNINGS: n` are successes."""
+    return not (exitstatus == "OK" or re.fullmatch(r"WARNINGS: \d+", exitstatus))
 
 
 class QuietServer(ThreadingHTTPServer):
@@ -415,6 +498,9 @@ class PveHandler(BaseHTTPRequestHandler):
         path = unquote(parts.path[len("/api2/json"):])
         try:
             data = self.pve.handle(self.command, path, form)
+        except ConnectionDropped:
+            self.close_connection = True
+            return
         except PveError as exc:
             self._answer(exc.status, exc.message, {"data": None, "message": exc.message + "\n"})
             return
