@@ -46,7 +46,8 @@ def agent_port() -> Iterator[int]:
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path, pve: FakePve, agent_port: int) -> Settings:
     return Settings.from_env(
-        env={}, data_dir=tmp_path / "data", database_url=database_url, jwt_secret=TEST_SECRET, scrypt_n=1024,
+        env={}, data_dir=tmp_path / "data", database_url=database_url, jwt_secret=TEST_SECRET,
+        argon2_time_cost=1, argon2_memory_kib=64, argon2_parallelism=1,
         bind=["127.0.0.1:0"], hypercorn_config=Path(__file__).parent.parent.parent / "hypercorn.toml",
         poll_interval=0.5, ready_timeout=30.0, provider="proxmox", proxmox_url=pve.url,
         proxmox_token_id=pve.token_id, proxmox_token_secret=pve.token_secret, proxmox_node=pve.node,
