@@ -45,6 +45,12 @@ edge-binaries: $(VENV)/.installed
 test: $(VENV)/.installed pg-binaries edge-binaries bench-tools
 	$(PY) -m pytest -q -m "not e2e"
 
+# Style, imports and bug patterns (ruff, line length 120) and types (mypy with the runtime packages installed).
+lint: $(VENV)/.installed
+	@$(PY) -m pip install -q -e '.[test,lint]'
+	$(PY) -m ruff check gateway control storage bench tests
+	$(PY) -m mypy gateway control storage
+
 e2e: $(VENV)/.installed pg-binaries edge-binaries bench-tools
 	$(PY) -m pytest -q -m e2e
 

@@ -135,7 +135,8 @@ class ReferenceRunner:
             self.running.pop(job_id, None)
             self.finished.append(job_id)
 
-    async def _run_steps(self, job: dict[str, Any], directory: Path, env: dict[str, str]) -> tuple[int | None, str] | None:
+    async def _run_steps(self, job: dict[str, Any], directory: Path,
+                         env: dict[str, str]) -> tuple[int | None, str] | None:
         for step in job["steps"]:
             await self.report(job["id"], "running", output=f"$ {step['name']}: {step['run']}\n")
             code = await self._run_step(job["id"], step["run"], directory, env)

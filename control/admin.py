@@ -11,7 +11,7 @@ from storage import users
 from storage.clock import isoformat
 
 from . import accounts
-from .api import Body, Ctx, Route
+from .api import Body, Ctx, Route, query_int
 
 MAX_PAGE_SIZE = 100
 
@@ -35,14 +35,8 @@ AUDIT_SCHEMA: dict[str, Any] = {"type": "object", "properties": {
     "next": {"type": ["integer", "null"], "description": "pass as `before` for the next (older) page"}}}
 
 
-def _int_param(ctx: Ctx, name: str, default: int | None, low: int, high: int | None = None) -> int | None:
-    raw = ctx.query.get(name)
-    if raw is None or raw == "":
-        return default
-    if not raw.isdigit() or len(raw) > 12 or int(raw) < low or (high is not None and int(raw) > high):
-        bound = f"{low}–{high}" if high is not None else f"≥ {low}"
-        raise ApiError(400, "VALIDATION_FAILED", [{"field": name, "message": f"an integer {bound}"}])
-    return int(raw)
+def _optional_int(ctx: Ctx, name: str, low: int) -> int | None:
+    return query_int(ctx, name, 0, low) if ctx.query.get(name) else None
 
 
 def _text_param(ctx: Ctx, name: str, max_length: int) -> str | None:
@@ -53,8 +47,8 @@ def _text_param(ctx: Ctx, name: str, max_length: int) -> str | None:
 
 
 async def list_users(ctx: Ctx) -> dict[str, Any]:
-    page = _int_param(ctx, "page", 1, 1) or 1
-    size = _int_param(ctx, "pageSize", 20, 1, MAX_PAGE_SIZE) or 20
+    page = query_int(ctx, "page", 1, 1)
+    size = query_int(ctx, "pageSize", 20, 1, MAX_PAGE_SIZE)
     email = _text_param(ctx, "email", 320)
     rows, total = await ctx.services.store.read(users.list_users, email, (page - 1) * size, size)
     return {"users": [accounts.account_json(row) for row in rows], "page": page, "pageSize": size, "total": total}
@@ -86,10 +80,10 @@ def audit_json(entry: Any) -> dict[str, Any]:
 
 
 async def audit_log(ctx: Ctx) -> dict[str, Any]:
-    limit = _int_param(ctx, "limit", 50, 1, MAX_PAGE_SIZE) or 50
+    limit = query_int(ctx, "limit", 50, 1, MAX_PAGE_SIZE)
     entries = await ctx.services.store.read(
         users.audit_entries, action_prefix=_text_param(ctx, "action", 64), target=_text_param(ctx, "target", 128),
-        actor_id=_int_param(ctx, "actor", None, 0), before_id=_int_param(ctx, "before", None, 1), limit=limit)
+        actor_id=_optional_int(ctx, "actor", 0), before_id=_optional_int(ctx, "before", 1), limit=limit)
     return {"entries": [audit_json(entry) for entry in entries],
             "next": entries[-1].id if len(entries) == limit else None}
 

@@ -312,7 +312,7 @@ def make_view(route: Route, services: Services) -> Callable[..., Awaitable[Respo
     handler = route.handler
 
     async def view(**params: Any) -> Response:
-        request.scope["zlh.route"] = route.path
+        request.scope["zlh.route"] = route.path  # type: ignore[typeddict-unknown-key]  # read by AccessLog
         user = None
         if route.auth is not None:
             user = authenticate(services, request.headers)
@@ -455,7 +455,8 @@ def _operation_ids(routes: list[Route]) -> list[str]:
 
 
 def _slug(path: str) -> str:
-    return "_".join(re.sub(r"<(?:\w+:)?(\w+)>", r"\1", path).replace("-", "_").replace(".", "_").split("/")[1:]) or "root"
+    plain = re.sub(r"<(?:\w+:)?(\w+)>", r"\1", path).replace("-", "_").replace(".", "_")
+    return "_".join(plain.split("/")[1:]) or "root"
 
 
 def _path_parameter(converter: str | None, name: str) -> dict[str, Any]:

@@ -104,7 +104,8 @@ def control_routes() -> list[Route]:
         Route("GET", "/api/me", auth.me, "The current user", response=auth.USER_SCHEMA, tags=("auth",)),
         *admin.admin_routes(),
         # Instances and containers
-        Route("GET", "/api/instances", instances.list_instances, "ContainerInstance rows (owner-scoped; admins see all)",
+        Route("GET", "/api/instances", instances.list_instances,
+              "ContainerInstance rows (owner-scoped; admins see all)",
               response={"type": "array", "items": instances.INSTANCE_SCHEMA}, tags=("instances",)),
         Route("POST", "/api/instances", instances.create_instance,
               "Provision a game server or dev container: plan limits, create, configure agent, wait for "
@@ -146,7 +147,8 @@ def control_routes() -> list[Route]:
 
 PATH_QUERY = [{"name": "path", "in": "query", "required": True, "schema": {"type": "string"},
                "description": "file path relative to the server's data directory"}]
-RAW_BODY = {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+RAW_BODY = {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                   "format": "binary"}},
                                           "multipart/form-data": {"schema": {"type": "object"}}}}
 RESUMABLE_DOC = (
     "Resumable uploads: POST …/files/uploads {path,size} opens a session and answers {uploadId, offset}. "
@@ -228,7 +230,8 @@ def background_services(services: Services) -> list[Callable[..., Any]]:
     task_status)` callables, each started in the lifespan nursery of run_gateway (so each has an owner
     and stops with the app). The membership (ClusterService.run) outlives them, in run_gateway."""
     once = services.cluster.leader_only if services.cluster is not None else _here
-    return [services.sessions.run, services.events.run, services.provisioner.run, services.poller.run, services.ide.proxy.run,
+    return [services.sessions.run, services.events.run, services.provisioner.run, services.poller.run,
+            services.ide.proxy.run,
             # Once across the fleet: on PostgreSQL only the fleet leader runs these (control/cluster.py).
             *([once(services.edge_outbox.run)] if services.edge_outbox is not None else []),
             once(billing.BillingScheduler(services.billing, services.mailer, services.settings.billing_interval,
@@ -262,7 +265,8 @@ def data_plane_router(services: Services, control: list[Route]) -> Callable[[Req
         DataRoute(frozenset({"GET"}),
                   re.compile(rf"^/api/game/servers/(?P<id>{ID_DIGITS})/backups/(?P<backup>[A-Za-z0-9_.-]{{1,128}})/download$"),
                   streams.backup_download, "backups.download"),
-        DataRoute(frozenset({"GET"}), re.compile(rf"^/api/servers/(?P<id>{ID_DIGITS})/console$"), services.consoles.handle,
+        DataRoute(frozenset({"GET"}), re.compile(rf"^/api/servers/(?P<id>{ID_DIGITS})/console$"),
+                  services.consoles.handle,
                   "console", websocket=True),
         DataRoute(IDE_METHODS, IDE_PATH, ide.handle_path, "ide.path"),
         DataRoute(frozenset({"POST"}), re.compile(rf"^/api/v1/jobs/(?P<job_id>{ID_DIGITS})/artifacts$"),
@@ -377,7 +381,7 @@ async def run_gateway(settings: Settings, shutdown: trio.Event | None = None, *,
         services.extra["openapi"] = openapi_document(routes, "ZLH gateway", "0.1.0")
         app = create_app(services, routes)
         logged_app = AccessLog(app, services)
-        wrapped = wrap_app(logged_app, config.wsgi_max_body_size, "asgi")
+        wrapped = wrap_app(logged_app, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]  # an ASGI app
         async with trio.open_nursery() as membership:
             if services.cluster is not None:
                 await membership.start(services.cluster.run)  # a share of the fleet before anything runs

@@ -279,7 +279,8 @@ def _users(args: argparse.Namespace, settings: Settings) -> int:
             headers = {"authorization": f"Bearer {login.json()['accessToken']}"}
             path = f"{ADMIN_USERS}/{args.user_id}"
             if args.action == "list":
-                response = http.get(ADMIN_USERS, headers=headers, params={"q": args.search} if args.search else None)
+                search = {"email": args.search} if args.search else None
+                response = http.get(ADMIN_USERS, headers=headers, params=search)
             elif args.action == "delete":
                 response = http.delete(path, headers=headers)
             elif args.action == "role":

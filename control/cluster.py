@@ -12,8 +12,9 @@
   the takeover bound).
 - Cross-replica events travel by PostgreSQL NOTIFY on one channel, received on a dedicated LISTEN
   connection that Trio waits on itself (`wait_readable` on its socket; no thread parked in `select()`,
-  which fails on descriptors above 1,024), and are applied to this replica's session registry and connections (ended logins
-  and accounts, consoles, IDE websockets). An event is also applied locally at once, so the origin never waits for the round trip.
+  which fails on descriptors above 1,024), and are applied to this replica's session registry and
+  connections (ended logins and accounts, consoles, IDE websockets). An event is also applied locally
+  at once, so the origin never waits for the round trip.
 - Takeover time: a killed replica's leases lapse one lease TTL after its last renewal; each heartbeat
   reports when the next foreign lease lapses and the replica beats again right then, so its share
   is claimed at the lapse, not up to a heartbeat later, and the poller polls the gained agents within

@@ -35,6 +35,7 @@ import trio
 
 from gateway.agent_client import forward_agent_result
 from gateway.errors import ApiError
+from gateway.forwarded import trusted_networks
 from gateway.ide_proxy import IdeCredential, IdeGrant, IdeProxy, IdeRevocation
 from storage import billing as store_billing
 from storage import dev as store_dev
@@ -272,6 +273,8 @@ class HostedIde:
         self.proxy = IdeProxy(services.upstream, self.rules.authorize, self.rules.still_allowed,
                               services.ide_activity, ide_domain=settings.ide_domain,
                               cookie_secure=settings.ide_cookie_is_secure,
+                              cookie_secure_fixed=settings.ide_cookie_secure is not None,
+                              trusted_proxies=trusted_networks(tuple(settings.trusted_proxies)),
                               public_scheme="https" if settings.ide_cookie_is_secure else "http")
 
     def revoke(self, revocation: IdeRevocation) -> int:

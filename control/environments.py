@@ -323,6 +323,7 @@ async def read_json() -> Any:
     if request.mimetype != "application/json":
         raise invalid("Content-Type must be application/json")
     raw = await request.get_data(as_text=False)
+    assert isinstance(raw, bytes)
     try:
         return decode_json(raw)
     except JsonRefused:  # the seed's own message, whatever the reason

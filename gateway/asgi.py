@@ -89,6 +89,6 @@ def asgi_handler(app: ASGIApp, server: tuple[str, int] | None = None) -> Handler
                 raise ApiError(500)
         if not body_done:
             # The app answered without reading the whole body: do not keep the connection.
-            await body.aclose()
+            await body.aclose()  # type: ignore[attr-defined]  # an async generator
 
     return handle

@@ -130,8 +130,8 @@ class ConsoleRelay:
         self.metrics.open_consoles.inc()
         try:
             grant, since = await self._authenticate_first(client, server_id)
-        except _SessionEnd as end:
-            await _close(client, end.code, end.reason)
+        except _SessionEnd as refused:
+            await _close(client, refused.code, refused.reason)
             self.metrics.open_consoles.dec()
             return
         if self._per_server[grant.instance_id] >= self.limits.per_server_connections:
@@ -174,7 +174,7 @@ class ConsoleRelay:
         since = frame.get("since")
         if since is not None and (not isinstance(since, int) or isinstance(since, bool) or since < 0):
             raise _SessionEnd(CLOSE_POLICY, "since must be a non-negative integer")
-        grant = await self._verify(frame["token"], server_id)
+        grant = await self._verify(str(frame["token"]), server_id)
         return grant, since
 
     async def _verify(self, token: str, server_id: int) -> ConsoleGrant:
@@ -250,7 +250,7 @@ class ConsoleRelay:
                     return
             elif kind == "auth" and isinstance(frame.get("token"), str):  # type: ignore[union-attr]
                 try:
-                    grant = await self._verify(frame["token"], server_id)  # type: ignore[index]
+                    grant = await self._verify(str(frame["token"]), server_id)  # type: ignore[index]
                 except _SessionEnd as end:
                     finish(end)
                     return

@@ -20,6 +20,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _FORWARDED_FOR = re.compile(r'(?:^|;)\s*for\s*=\s*("(?:[^"\\]|\\.)*"|[^;,\s]*)', re.IGNORECASE)
+_FORWARDED_PROTO = re.compile(r'(?:^|;)\s*proto\s*=\s*("[^"]*"|[^;,\s]*)', re.IGNORECASE)
 MAX_HOPS = 32  # a longer chain is not walked further (bounded work per request)
 
 
@@ -80,7 +81,25 @@ def real_client(peer: str | None, headers: Iterable[tuple[str, str]], trusted: t
     return str(address)
 
 
+def forwarded_https(peer: str | None, headers: Iterable[tuple[str, str]], trusted: tuple[Network, ...]) -> bool:
+    """Whether a trusted proxy says the client spoke HTTPS to it (`X-Forwarded-Proto: https`, else
+    RFC 7239 `Forwarded: proto=https`, the first proxy's word). A client's own header is never
+    believed: without a trusted peer this is False."""
+    address = parse_address(peer) if peer else None
+    if address is None or not trusted or not _is_trusted(address, trusted):
+        return False
+    forwarded = None
+    for name, value in headers:
+        name = name.lower()
+        if name == "x-forwarded-proto":
+            return value.split(",")[0].strip().lower() == "https"
+        if name == "forwarded" and forwarded is None:
+            match = _FORWARDED_PROTO.search(value.split(",")[0])
+            forwarded = match is not None and match.group(1).strip('"').lower() == "https"
+    return bool(forwarded)
+
+
 def header_pairs(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """A data-plane head's headers (bytes) as the text pairs real_client reads."""
+    """A data-plane head's headers (bytes) as the text pairs real_client and forwarded_https read."""
     return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw
-            if name.lower() in (b"x-forwarded-for", b"forwarded")]
+            if name.lower() in (b"x-forwarded-for", b"forwarded", b"x-forwarded-proto")]

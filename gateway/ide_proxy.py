@@ -43,6 +43,7 @@ from urllib.parse import unquote_plus, urlsplit
 import trio
 
 from .errors import ApiError
+from .forwarded import Network, forwarded_https, header_pairs
 from .server import Exchange, Handler, Request
 from .streams import STALL_TIMEOUT, declared_length, request_headers, response_headers
 from .upstream import (
@@ -329,11 +330,20 @@ class IdeProxy:
     ide_domain: str
     cookie_secure: bool
     public_scheme: str = "http"
+    # The IDE cookie is Secure when configured so (cookie_secure), or, unless IDE_COOKIE_SECURE=0 said
+    # otherwise (cookie_secure_fixed), when a trusted proxy says the browser spoke HTTPS to it.
+    cookie_secure_fixed: bool = False
+    trusted_proxies: tuple[Network, ...] = ()
     access_check_interval: float = ACCESS_CHECK_INTERVAL
     _websockets: dict[trio.CancelScope, IdeGrant] = field(default_factory=dict)  # open here, by grant
 
     def __post_init__(self) -> None:
         self._host_pattern = ide_host_pattern(self.ide_domain)
+
+    def _cookie_secure(self, request: Request) -> bool:
+        if self.cookie_secure or self.cookie_secure_fixed:
+            return self.cookie_secure
+        return forwarded_https(request.client, header_pairs(request.headers), self.trusted_proxies)
 
     @contextmanager
     def holding(self, grant: IdeGrant) -> Iterator[None]:
@@ -402,7 +412,7 @@ class IdeProxy:
             raise ApiError(401, "UNAUTHORIZED", {"reason": "IDE session required: open the IDE link again"})
         grant = await self.authorize(credential, target.instance_id)
         if credential.kind == "link" and not websocket:
-            cookie = session_cookie(target, grant, secure=self.cookie_secure)
+            cookie = session_cookie(target, grant, secure=self._cookie_secure(request))
             await _redirect(exchange, target.location(without_token(target.query)), [(b"set-cookie", cookie)])
             return
         if not target.path:

@@ -89,7 +89,8 @@ class Poller:
     def agents_late(self) -> int:
         """Agents of this replica without a poll that reached them for 1.5 intervals (/metrics)."""
         bound = trio.current_time() - 1.5 * self.interval
-        return sum(1 for s in self._schedules.values() if (s.last_alive if s.last_alive is not None else s.since) < bound)
+        return sum(1 for s in self._schedules.values()
+                   if (s.last_alive if s.last_alive is not None else s.since) < bound)
 
     def agents_unreachable(self) -> int:
         return sum(1 for s in self._schedules.values() if s.failures > 0)

@@ -44,8 +44,8 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 
 from .errors import ApiError, envelope_bytes
-from .forwarded import Network, header_pairs, real_client
 from .fdio import Splice
+from .forwarded import Network, header_pairs, real_client
 from .logs import log_request
 from .metrics import Metrics
 
@@ -131,7 +131,7 @@ class Exchange:
                     raise ClientGone() from exc
                 if not data:
                     raise ClientGone()
-                self._conn.receive_data(data)
+                self._conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
                 continue
             if isinstance(event, h11.Data):
                 yield event.data
@@ -144,12 +144,12 @@ class Exchange:
         """The head is held until the first body bytes (or the end), so that a small answer leaves
         in one write: one syscall instead of three is most of the cost of a small proxied request."""
         self.status = status
-        self._held = self._framed(h11.Response(status_code=status, headers=list(headers)))
+        self._held = self._framed(h11.Response(status_code=status, headers=list(headers)))  # type: ignore[arg-type]  # h11 takes mixed bytes/str pairs
 
     async def send_data(self, data: bytes | bytearray | memoryview | Splice) -> None:
         if not data:
             return
-        pieces = self._framed_pieces(h11.Data(data=data))
+        pieces = self._framed_pieces(h11.Data(data=data))  # type: ignore[arg-type]  # bytes-like or a Splice, passed through
         if self._held and len(data) <= COALESCE_LIMIT:
             pieces = [self._held + b"".join(pieces)]
         elif self._held:

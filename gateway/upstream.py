@@ -20,8 +20,8 @@ from typing import TypeVar
 import h11
 import trio
 
-from .outbound import check_request
 from .fdio import Splice
+from .outbound import check_request
 
 RECEIVE_SIZE = 256 * 1024
 
@@ -114,7 +114,7 @@ class _Connection:
 
     async def send(self, event: object) -> None:
         try:
-            for piece in self.h11.send_with_data_passthrough(event) or ():
+            for piece in self.h11.send_with_data_passthrough(event) or ():  # type: ignore[arg-type]  # h11.Event
                 if isinstance(piece, Splice):  # a zero-copy body run (gateway/fdio.py): it writes itself
                     await piece.write_to(self.stream)
                 elif piece:
@@ -122,10 +122,10 @@ class _Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise UpstreamBroken(str(exc)) from exc
 
-    async def send_whole(self, head: h11.Request, body: bytes | bytearray | None) -> None:
+    async def send_whole(self, head: h11.Request, body: bytes | bytearray | None) -> None:  # type: ignore[name-defined]  # the h11 field shadows the module here
         parts = [self.h11.send(head) or b""]
         if body:
-            parts.append(self.h11.send(h11.Data(data=body)) or b"")
+            parts.append(self.h11.send(h11.Data(data=body)) or b"")  # type: ignore[arg-type]  # h11 takes any bytes-like
         parts.append(self.h11.send(h11.EndOfMessage()) or b"")
         try:
             await self.stream.send_all(b"".join(parts))
@@ -173,7 +173,7 @@ class UpstreamPool:
                 await connection.send(h11.Request(method=method, target=target, headers=headers))
                 async for chunk in body:
                     if chunk:
-                        await connection.send(h11.Data(data=chunk))
+                        await connection.send(h11.Data(data=chunk))  # type: ignore[arg-type]  # a Splice passes through h11 untouched
                 await connection.send(h11.EndOfMessage())
             response = await self._read_head(connection)
             yield response

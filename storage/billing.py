@@ -20,6 +20,7 @@ from .models import BaseModel, Instance, JSONField, User
 
 class BillingAccount(BaseModel):
     user = peewee.ForeignKeyField(User, primary_key=True, on_delete="CASCADE", backref="billing")
+    user_id: int  # the key column peewee adds beside `user`
     customer_id = peewee.CharField(null=True, unique=True, max_length=255)
     subscription_id = peewee.CharField(null=True, index=True, max_length=255)
     status = peewee.CharField(max_length=32, default="none")  # Stripe's subscription status, or "none"
@@ -49,6 +50,7 @@ class Notification(BaseModel):
 
     kind = peewee.CharField(max_length=64)
     user = peewee.ForeignKeyField(User, on_delete="CASCADE", backref="notifications")
+    user_id: int  # the key column peewee adds beside `user`
     payload = JSONField(default=dict)
     dedupe_key = peewee.CharField(unique=True, max_length=255)
     created_at = peewee.DateTimeField(default=utcnow, index=True)
@@ -63,6 +65,7 @@ class Suspension(BaseModel):
 
     instance_id = peewee.IntegerField(primary_key=True)
     user = peewee.ForeignKeyField(User, on_delete="CASCADE", backref="suspensions")
+    user_id: int  # the key column peewee adds beside `user`
     reason = peewee.CharField(max_length=64)
     suspended_at = peewee.DateTimeField(default=utcnow)
     lifted_at = peewee.DateTimeField(null=True)

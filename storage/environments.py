@@ -24,6 +24,7 @@ from .models import BaseModel, User
 class Environment(BaseModel):
     id = peewee.CharField(primary_key=True, max_length=32)  # env-<hex>
     owner = peewee.ForeignKeyField(User, on_delete="RESTRICT", backref="environments")
+    owner_id: int  # the key column peewee adds beside `owner`
     instance_id = peewee.IntegerField(null=True, index=True)  # its dev container; None once deleted
     name = peewee.CharField(max_length=128)
     cloud_provider = peewee.CharField(max_length=8)

@@ -189,7 +189,7 @@ def poll_freshness(cutoff: datetime) -> PollFreshness:
     """One aggregate and one narrow query, for watching thousands of agents every second (reading
     whole server rows for that cost a sixth of a core at 10,000 agents)."""
     oldest = AgentState.select(peewee.fn.MIN(AgentState.polled_at)).scalar()
-    rows = (AgentState.select(AgentState.instance, AgentState.polled_at, AgentState.alive)
+    rows: Any = (AgentState.select(AgentState.instance, AgentState.polled_at, AgentState.alive)
             .where(AgentState.polled_at.is_null() | (AgentState.polled_at < cutoff) | ~AgentState.alive)
             .tuples())
     late, never, dead = [], 0, 0
@@ -204,7 +204,7 @@ def poll_targets_where(condition: Any | None) -> list[PollTarget]:
     """Pollable agents (matching `condition`, an Instance expression), in id order: a stable order keeps
     each agent at the same point of every round, so the time between its polls stays one interval."""
     where = Instance.state.in_(POLLED_STATES) & Instance.agent_port.is_null(False)
-    rows = (Instance.select(Instance.id, Instance.agent_host, Instance.agent_port, Instance.agent_secret)
+    rows: Any = (Instance.select(Instance.id, Instance.agent_host, Instance.agent_port, Instance.agent_secret)
             .where(where if condition is None else where & condition)
             .order_by(Instance.id).tuples())
     return [PollTarget(*row) for row in rows]
@@ -269,8 +269,8 @@ _INSTANCE_COLUMNS = ("id", "vmid", "kind", "name", "engine_type", "state", "stat
 _AGENT_COLUMNS = ("alive", "ready", "last_seen_at", "ready_checked_at", "last_error", "server_state", "players",
                   "version", "update_available", "operations", "resources", "polled_at")
 _MOMENT_COLUMNS = frozenset({"last_seen_at", "ready_checked_at", "polled_at"})
-PortalInstance = namedtuple("PortalInstance", _INSTANCE_COLUMNS)  # type: ignore[misc]
-PortalAgent = namedtuple("PortalAgent", _AGENT_COLUMNS)  # type: ignore[misc]
+PortalInstance: Any = namedtuple("PortalInstance", _INSTANCE_COLUMNS)  # type: ignore[misc]
+PortalAgent: Any = namedtuple("PortalAgent", _AGENT_COLUMNS)  # type: ignore[misc]
 _SPLIT = len(_INSTANCE_COLUMNS)
 
 
@@ -319,7 +319,7 @@ def portal_rows(owner_id: int | None, instance_id: int | None = None, *, after_i
     filters = (owner_id, instance_id, after_id, limit)
     sql = _portal_sql(database, tuple(value is not None for value in filters))  # type: ignore[arg-type]
     cursor = database.execute_sql(sql, [value for value in filters if value is not None])
-    rows = []
+    rows: list[tuple[Any, Any]] = []
     for row in cursor.fetchall():
         instance = PortalInstance._make(row[:_SPLIT])
         if row[_SPLIT] is None:  # no agent_state row (LEFT JOIN): alive is NOT NULL in the table
@@ -327,7 +327,7 @@ def portal_rows(owner_id: int | None, instance_id: int | None = None, *, after_i
             continue
         (alive, ready, last_seen_at, ready_checked_at, last_error, server_state, players, version, update_available,
          operations, resources, polled_at) = row[_SPLIT:]
-        rows.append((instance, PortalAgent(
+        rows.append((instance, PortalAgent(  # type: ignore[call-arg]  # fields from _AGENT_COLUMNS
             bool(alive), bool(ready), _moment(last_seen_at), _moment(ready_checked_at), last_error, server_state,
             players, version, bool(update_available), operations, resources, _moment(polled_at))))
     return rows

@@ -73,6 +73,7 @@ class Project(BaseModel):
 
 class Pipeline(BaseModel):
     project = peewee.ForeignKeyField(Project, on_delete="CASCADE", backref="pipelines")
+    project_id: int  # the key column peewee adds beside `project`
     name = peewee.CharField(max_length=128)
     spec = JSONField()  # the validated pipeline section of the project YAML
 
@@ -82,6 +83,7 @@ class Pipeline(BaseModel):
 
 class PipelineChain(BaseModel):
     project = peewee.ForeignKeyField(Project, on_delete="CASCADE", backref="chains")
+    project_id: int  # the key column peewee adds beside `project`
     name = peewee.CharField(max_length=128)
     pipelines = JSONField()  # ordered pipeline names
 
@@ -92,8 +94,10 @@ class PipelineChain(BaseModel):
 class Job(BaseModel):
     project_name = peewee.CharField(max_length=128)
     pipeline = peewee.ForeignKeyField(Pipeline, null=True, on_delete="SET NULL", backref="jobs")
+    pipeline_id: int | None  # the key column peewee adds beside `pipeline`
     pipeline_name = peewee.CharField(max_length=128)
     chain = peewee.ForeignKeyField(PipelineChain, null=True, on_delete="SET NULL", backref="jobs")
+    chain_id: int | None  # the key column peewee adds beside `chain`
     chain_run = peewee.CharField(null=True, max_length=40, index=True)
     depends_on = peewee.IntegerField(null=True, index=True)  # job that must be done before this leases
     status = peewee.CharField(max_length=16, index=True)
@@ -122,6 +126,7 @@ class Job(BaseModel):
 
 class JobArtifact(BaseModel):
     job = peewee.ForeignKeyField(Job, on_delete="CASCADE", backref="artifacts")
+    job_id: int  # the key column peewee adds beside `job`
     name = peewee.CharField(max_length=255)
     size = peewee.BigIntegerField()
     sha256 = peewee.CharField(max_length=64)
@@ -133,6 +138,7 @@ class JobArtifact(BaseModel):
 
 class JobTestCase(BaseModel):
     job = peewee.ForeignKeyField(Job, on_delete="CASCADE", backref="test_cases")
+    job_id: int  # the key column peewee adds beside `job`
     suite = peewee.CharField(max_length=255)
     name = peewee.CharField(max_length=512)
     status = peewee.CharField(max_length=16)  # passed | failed | skipped | error
@@ -218,7 +224,7 @@ def runner_by_id(runner_id: str) -> Runner | None:
 def list_runners(*, shared_only: bool = False) -> list[Runner]:
     query = Runner.select()
     if shared_only:
-        query = query.where(Runner.shared == True)
+        query = query.where(Runner.shared == True)  # noqa: E712 (SQL, not Python truth)
     return list(query.order_by(Runner.created_at, Runner.id))
 
 
@@ -374,9 +380,9 @@ def flush_history(terminal: Iterable[str], owner_id: int | None = None) -> list[
 
 
 def job_counts(owner_id: int | None = None) -> dict[str, int]:
-    rows = (Job.select(Job.status, peewee.fn.COUNT(Job.id).alias("n")).where(_owned_by(Job, owner_id))
-            .group_by(Job.status))
-    return {row.status: row.n for row in rows}
+    rows: Any = (Job.select(Job.status, peewee.fn.COUNT(Job.id).alias("n")).where(_owned_by(Job, owner_id))
+                 .group_by(Job.status).tuples())
+    return {status: n for status, n in rows}
 
 
 # Artifacts and test results

@@ -24,6 +24,9 @@ class JSONField(peewee.TextField):
 
 
 class BaseModel(peewee.Model):
+    # peewee adds these at class creation; declared here so the type checker knows them too.
+    id: Any  # the auto primary key (or the model's own primary key field)
+
     class Meta:
         database = database
         legacy_table_names = False
@@ -55,6 +58,7 @@ class RefreshFamily(BaseModel):
 
     id = peewee.CharField(primary_key=True, max_length=64)
     user = peewee.ForeignKeyField(User, on_delete="CASCADE", backref="refresh_families")
+    user_id: int  # the key column peewee adds beside `user`
     created_at = peewee.DateTimeField(default=utcnow)
     revoked_at = peewee.DateTimeField(null=True)
     revoked_reason = peewee.CharField(null=True, max_length=64)
@@ -62,6 +66,7 @@ class RefreshFamily(BaseModel):
 
 class RefreshToken(BaseModel):
     family = peewee.ForeignKeyField(RefreshFamily, on_delete="CASCADE", backref="tokens")
+    family_id: str  # the key column peewee adds beside `family`
     token_hash = peewee.CharField(unique=True, max_length=128)
     created_at = peewee.DateTimeField(default=utcnow)
     expires_at = peewee.DateTimeField()
@@ -70,6 +75,7 @@ class RefreshToken(BaseModel):
 
 class PasswordReset(BaseModel):
     user = peewee.ForeignKeyField(User, on_delete="CASCADE")
+    user_id: int  # the key column peewee adds beside `user`
     token_hash = peewee.CharField(unique=True, max_length=128)
     created_at = peewee.DateTimeField(default=utcnow)
     expires_at = peewee.DateTimeField()
@@ -88,6 +94,7 @@ class Instance(BaseModel):
 
     vmid = peewee.IntegerField(unique=True)
     owner = peewee.ForeignKeyField(User, on_delete="RESTRICT", backref="instances")
+    owner_id: int  # the key column peewee adds beside `owner`
     kind = peewee.CharField(max_length=8)  # game | dev
     name = peewee.CharField(max_length=128)
     engine_type = peewee.CharField(max_length=64)
@@ -133,6 +140,7 @@ class AgentState(BaseModel):
     """The normalized snapshot the Portal reads; written only by the poller."""
 
     instance = peewee.ForeignKeyField(Instance, primary_key=True, on_delete="CASCADE")
+    instance_id: int  # the key column peewee adds beside `instance`
     alive = peewee.BooleanField(default=False)
     ready = peewee.BooleanField(default=False)
     last_seen_at = peewee.DateTimeField(null=True)

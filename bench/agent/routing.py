@@ -53,7 +53,7 @@ def match(segments: tuple[str, ...], parts: tuple[str, ...]) -> dict[str, str] |
     if len(segments) != len(parts):
         return None
     params: dict[str, str] = {}
-    for segment, part in zip(segments, parts):
+    for segment, part in zip(segments, parts, strict=True):
         if segment.startswith("{") and segment.endswith("}"):
             if not part:
                 return None

@@ -69,7 +69,8 @@ async def measure_step(suite: Suite, result: ScenarioResult, count: int) -> dict
                 await trio.sleep(SAMPLE_SECONDS)
         window = interval * suite.config.poll_rounds
         pids = gateway.pids()
-        polls_before, cpu_before, started = await polls_done(suite.http, gateway.url), cpu_seconds(pids), time.monotonic()
+        polls_before = await polls_done(suite.http, gateway.url)
+        cpu_before, started = cpu_seconds(pids), time.monotonic()
         worst, never, dead = 0.0, 0, 0
         async with cores_watched(result):
             while time.monotonic() - started < window:

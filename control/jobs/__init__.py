@@ -109,7 +109,8 @@ def routes() -> list[Route]:
           rule=OWNERSHIP + " " + REPOSITORY_RULE, body=projects.ImportBody, status=201),
         U("GET", f"{J}/projects/<int:project_id>", projects.get_project, "One project"),
         U("DELETE", f"{J}/projects/<int:project_id>", projects.delete_project, "Delete a project", status=204),
-        U("GET", f"{J}/projects/<int:project_id>/icon", projects.project_icon, "The project's icon", content_type="image/*"),
+        U("GET", f"{J}/projects/<int:project_id>/icon", projects.project_icon, "The project's icon",
+          content_type="image/*"),
         U("POST", f"{J}/projects/<int:project_id>/reload", projects.reload_project,
           "Re-read and re-validate the project's YAML", rule=OWNERSHIP + " " + REPOSITORY_RULE),
         # Pipelines

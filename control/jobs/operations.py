@@ -23,7 +23,7 @@ from storage import jobs as job_store
 from storage.clock import utcnow
 from storage.jobs import Runner
 
-from ..api import Body, Ctx, CurrentUser
+from ..api import Body, Ctx, CurrentUser, query_int
 from ..auth.tokens import token_hash
 from . import lifecycle
 from .access import (
@@ -129,9 +129,9 @@ async def list_jobs(ctx: Ctx) -> dict[str, Any]:
     if status is not None and status not in lifecycle.STATES:
         raise ApiError(422, "VALIDATION_FAILED", [{"field": "status", "message": f"one of {list(lifecycle.STATES)}",
                                                    "type": "enum"}])
-    limit = _int_query(ctx, "limit", 50, 1, 500)
-    offset = _int_query(ctx, "offset", 0, 0, 10**9)
-    pipeline_id = _int_query(ctx, "pipeline_id", 0, 0, 2**31) or None
+    limit = query_int(ctx, "limit", 50, 1, 500)
+    offset = query_int(ctx, "offset", 0, 0, 10**9)
+    pipeline_id = query_int(ctx, "pipeline_id", 0) or None
 
     def listing() -> dict[str, Any]:
         rows, total = job_store.list_jobs(status=status, agent_id=ctx.query.get("agent_id"),
@@ -142,19 +142,6 @@ async def list_jobs(ctx: Ctx) -> dict[str, Any]:
 
     return await job_store.run(ctx.services.store, listing)
 
-
-def _int_query(ctx: Ctx, name: str, default: int, low: int, high: int) -> int:
-    raw = ctx.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = low - 1
-    if not low <= value <= high:
-        raise ApiError(422, "VALIDATION_FAILED", [{"field": name, "message": f"integer in [{low}, {high}]",
-                                                   "type": "range"}])
-    return value
 
 
 async def get_job(ctx: Ctx, job_id: int) -> dict[str, Any]:

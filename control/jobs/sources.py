@@ -61,7 +61,8 @@ def _git_config(target: Target, credentials: Credentials | None) -> list[tuple[s
 
 
 def _git_env(target: Target, credentials: Credentials | None) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key in ("PATH", "HOME", "LANG")}  # HOME: ssh's known_hosts
+    # HOME: ssh's known_hosts
+    env = {key: value for key, value in os.environ.items() if key in ("PATH", "HOME", "LANG")}
     env.update(GIT_TERMINAL_PROMPT="0", GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull,
                GIT_ASKPASS="", SSH_ASKPASS="", GIT_SSH_COMMAND="ssh -o BatchMode=yes -o ConnectTimeout=10")
     config = _git_config(target, credentials)

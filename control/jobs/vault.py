@@ -37,7 +37,8 @@ class CreateConnectionBody(Body):
 
 
 def connection_json(row: VaultConnection) -> dict[str, Any]:
-    return {"id": row.id, "name": row.name, "owner_id": row.owner_id, "kind": row.kind, "url": row.url, "username": row.username,
+    return {"id": row.id, "name": row.name, "owner_id": row.owner_id, "kind": row.kind, "url": row.url,
+            "username": row.username,
             "has_secret": bool(row.sealed_secret), "created_at": isoformat(row.created_at),
             "last_tested_at": isoformat(row.last_tested_at), "last_test_ok": row.last_test_ok,
             "last_test_error": row.last_test_error}

@@ -22,12 +22,12 @@ moves to it, so concurrent provisionings on one or several replicas never collid
 Reconciliation: a clone or create that gets no answer (timeout, dropped connection) may still have
 been carried out — PVE waits up to 10 s for a config lock before it answers, which is why the per-call
 timeout defaults to 30 s. The provider never assumes: it looks at the node's config (the marker) and
-its task list for up to one more call timeout (at least PVE's 10 s lock wait and a margin). A marked container, or a task of ours, means the call
-took effect: it is adopted (its task awaited, its result taken as PVE defines it) and provisioning goes
-on; a task that failed fails provisioning with the task log (PVE removed the half-made container);
-no trace means it did not happen. A provisioning abandoned later destroys the (marked) container in its
-cleanup; one that lands even later still carries the marker, so the orphan listing and admin delete
-find it — nothing of ours is left that nothing tracks.
+its task list for up to one more call timeout (at least PVE's 10 s lock wait and a margin). A marked
+container, or a task of ours, means the call took effect: it is adopted (its task awaited, its result
+taken as PVE defines it) and provisioning goes on; a task that failed fails provisioning with the task
+log (PVE removed the half-made container); no trace means it did not happen. A provisioning abandoned
+later destroys the (marked) container in its cleanup; one that lands even later still carries the
+marker, so the orphan listing and admin delete find it — nothing of ours is left that nothing tracks.
 
 Tasks follow PVE (control/providers/pve_tasks.py): `OK` and `WARNINGS: n` succeed — the warning lines
 are kept as instance events in the audit log (`instance.pve_warnings`) — anything else fails with the
@@ -232,7 +232,8 @@ class ProxmoxProvider:
     # creating
 
     def _description(self, spec: ContainerSpec, *, with_secret: bool) -> str:
-        lines = [f"ZLH {spec.kind} {spec.name!r} ({spec.engine_type})", self.ownership.marker(spec.instance_id, spec.vmid)]
+        lines = [f"ZLH {spec.kind} {spec.name!r} ({spec.engine_type})",
+                 self.ownership.marker(spec.instance_id, spec.vmid)]
         if with_secret:
             lines.append(f"{SECRET_LINE} {spec.agent_secret}")
         return "\n".join(lines) + "\n"
@@ -335,7 +336,8 @@ class ProxmoxProvider:
         container exists (the caller checks the marker and waits for its task); raises TaskFailed if
         the task PVE started failed, ProviderError if PVE shows no trace of the call."""
         what, kind, task_vmid, _ = self._make_call(spec)
-        log.warning("no answer to a create, reconciling", extra={"fields": {"vmid": spec.vmid, "reason": str(unanswered)}})
+        log.warning("no answer to a create, reconciling",
+                    extra={"fields": {"vmid": spec.vmid, "reason": str(unanswered)}})
         window = self.reconcile_window
         awaited: set[str] = set()
         with trio.move_on_after(window):

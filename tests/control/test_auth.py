@@ -10,6 +10,7 @@ import peewee
 import pytest
 
 from control.auth.tokens import TokenKind, TokenService
+from gateway.errors import ApiError
 from storage.db import connect_database
 from tests.conftest import TEST_SECRET, Gateway
 
@@ -83,7 +84,7 @@ def test_each_kind_rejects_the_others_offline() -> None:
         assert service.verify(kind, token)["sub"] == "7"
         for other in TokenKind:
             if other is not kind:
-                with pytest.raises(Exception):
+                with pytest.raises(ApiError):
                     service.verify(other, token)
 
 

@@ -12,7 +12,7 @@ import logging
 import pytest
 
 from control.config import ConfigError, Settings
-from gateway.forwarded import real_client, trusted_networks
+from gateway.forwarded import forwarded_https, real_client, trusted_networks
 from gateway.logs import configure_logging
 from tests.conftest import TEST_SECRET, Gateway
 
@@ -41,6 +41,20 @@ def test_real_client(peer: str, headers: list[tuple[str, str]], client: str) -> 
 
 def test_without_trusted_proxies_the_peer_is_the_client() -> None:
     assert real_client("10.0.0.2", [("x-forwarded-for", "198.51.100.1")], ()) == "10.0.0.2"
+
+
+@pytest.mark.parametrize(("peer", "headers", "https"), [
+    ("10.0.0.2:5000", [("X-Forwarded-Proto", "https")], True),
+    ("10.0.0.2", [("x-forwarded-proto", "https, http")], True),  # the first proxy's word
+    ("10.0.0.2:5000", [("X-Forwarded-Proto", "http")], False),
+    ("10.0.0.2:5000", [("Forwarded", 'for=1.2.3.4;proto="https"')], True),
+    ("10.0.0.2:5000", [], False),
+    ("203.0.113.9:5000", [("X-Forwarded-Proto", "https")], False),  # a client's own header is never believed
+    ("not-an-address", [("X-Forwarded-Proto", "https")], False),
+])
+def test_forwarded_https_only_from_a_trusted_proxy(peer: str, headers: list[tuple[str, str]], https: bool) -> None:
+    assert forwarded_https(peer, headers, trusted_networks(("10.0.0.0/8",))) is https
+    assert forwarded_https(peer, headers, ()) is False
 
 
 def test_trusted_proxies_setting() -> None:

@@ -49,6 +49,13 @@ async def test_token_in_query_sets_scoped_cookie_and_redirects_without_token(ide
     assert page["path"] == "/some/page" and page["query"] == "folder=%2Fhome&x=1"
 
 
+async def test_a_clients_own_forwarded_proto_does_not_make_the_cookie_secure(ide: DevIde) -> None:
+    """Secure follows X-Forwarded-Proto only from a trusted proxy (ZLH_TRUSTED_PROXIES; none here)."""
+    response = await ide.get(f"/__ide/{ide.id}/?token={await ide.token()}", {"x-forwarded-proto": "https"})
+    assert response.status_code == 302
+    assert "secure" not in [part.strip().lower() for part in response.headers["set-cookie"].split(";")]
+
+
 async def test_bare_prefix_redirects_to_slash(ide: DevIde) -> None:
     response = await ide.get(f"/__ide/{ide.id}?a=b")
     assert response.status_code == 302

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -23,9 +24,9 @@ async def test_restart_stops_the_gateway_gracefully(tmp_path: Path) -> None:
            "DATABASE_URL": f"sqlite:///{tmp_path}/gateway.db", "ZLH_PROVIDER": "local"}
     root = Path(__file__).resolve().parents[2]
     async with trio.open_nursery() as nursery:
-        process = await nursery.start(lambda task_status: trio.run_process(
-            [sys.executable, "-m", "control", "run", "--port", "0"], cwd=root, env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, check=False, task_status=task_status))
+        process = await nursery.start(partial(
+            trio.run_process, [sys.executable, "-m", "control", "run", "--port", "0"], cwd=root, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=False))
         try:
             printed = b""
             with trio.fail_after(30):
