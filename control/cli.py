@@ -32,6 +32,7 @@ import trio
 from storage import fleet
 
 from .config import Settings, configuration_reference
+from .providers.local import process_alive
 
 REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
@@ -205,7 +206,7 @@ def _running_replicas(settings: Settings) -> list[dict[str, Any]]:
             pid = int(record["pid"])
         except (OSError, ValueError, KeyError):
             continue
-        if _alive(pid):  # else a stale file from a replica that did not exit cleanly
+        if process_alive(pid):  # else a stale file from a replica that did not exit cleanly
             found.append(record)
     return found
 
@@ -225,9 +226,9 @@ def _drain(args: argparse.Namespace, settings: Settings) -> int:
     os.kill(pid, signal.SIGTERM)
     if not args.json:
         print(f"draining {replica['replicaId']} (pid {pid}); open streams get {graceful:.0f}s", flush=True)
-    while _alive(pid) and time.monotonic() - started < timeout:
+    while process_alive(pid) and time.monotonic() - started < timeout:
         time.sleep(0.1)
-    drained = not _alive(pid)
+    drained = not process_alive(pid)
     result = {"replicaId": replica["replicaId"], "pid": pid, "drained": drained,
               "seconds": round(time.monotonic() - started, 2)}
     if args.json:
@@ -235,21 +236,6 @@ def _drain(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print(f"{'drained' if drained else 'still running after'} {result['seconds']}s")
     return 0 if drained else 1
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` still runs; an exited process its parent has not reaped yet (a zombie) has not."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 ADMIN_USERS = "/api/admin/users"

@@ -374,6 +374,8 @@ def _processes_in(directory: Path) -> list[int]:
 
 
 def process_alive(pid: int) -> bool:
+    """Whether `pid` still runs. An exited process its parent has not reaped yet (a zombie) has not:
+    a child of ours is reaped here; another's is told by its state in /proc."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -381,11 +383,15 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:
-        # A zombie child of ours is not alive; reap it.
         done, _ = os.waitpid(pid, os.WNOHANG)
         return done == 0
     except ChildProcessError:
-        return True
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _signal(pid: int, sig: int) -> None:
