@@ -56,7 +56,7 @@ def test_create_runs_as_an_asynchronous_task_with_a_upid(pve: FakePve) -> None:
 
 
 def wait_stopped(pve: FakePve, upid: str) -> dict:
-    for _ in range(50):
+    for _ in range(200):
         status = call(pve, "GET", f"/nodes/pve/tasks/{upid}/status").json()["data"]
         if status["status"] == "stopped":
             return status
@@ -74,6 +74,7 @@ def test_interfaces_of_a_stopped_container_answer_null_not_an_error(pve: FakePve
 
 
 def test_clone_locks_its_source_disk_takes_a_description_and_is_filed_under_the_source(pve: FakePve) -> None:
+    pve.task_seconds = 2.0  # long enough to see the task running (and the lock held) on a busy machine
     pve.add_template(9000)
     answer = call(pve, "POST", "/nodes/pve/lxc/9000/clone", data={"newid": 170, "description": "zlh-instance: 1"})
     upid = answer.json()["data"]
