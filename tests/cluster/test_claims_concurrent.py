@@ -16,7 +16,9 @@ from storage import cluster as store_cluster
 from storage.db import Store, connect_database
 from tests.conftest import DATABASES
 
-pytestmark = pytest.mark.skipif("postgresql" not in DATABASES, reason="scale-out runs on PostgreSQL only")
+# Real replica processes killed and restarted: run by `make e2e` (CI runs it after `make test`).
+pytestmark = [pytest.mark.skipif("postgresql" not in DATABASES, reason="scale-out runs on PostgreSQL only"),
+              pytest.mark.e2e]
 
 SLOTS = 128
 TTL = 1.5

@@ -38,7 +38,9 @@ from tests.cluster.helpers import (
 )
 from tests.conftest import DATABASES
 
-pytestmark = pytest.mark.skipif("postgresql" not in DATABASES, reason="scale-out runs on PostgreSQL only")
+# Real replica processes killed and restarted: run by `make e2e` (CI runs it after `make test`).
+pytestmark = [pytest.mark.skipif("postgresql" not in DATABASES, reason="scale-out runs on PostgreSQL only"),
+              pytest.mark.e2e]
 
 ENVIRONMENT = "env-takeover"
 

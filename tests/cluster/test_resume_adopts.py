@@ -23,7 +23,9 @@ from storage import instances as store_instances
 from tests.cluster.helpers import bearer, cluster, register, storage, wait_until
 from tests.conftest import DATABASES
 
-pytestmark = pytest.mark.skipif("postgresql" not in DATABASES, reason="scale-out runs on PostgreSQL only")
+# Real replica processes killed and restarted: run by `make e2e` (CI runs it after `make test`).
+pytestmark = [pytest.mark.skipif("postgresql" not in DATABASES, reason="scale-out runs on PostgreSQL only"),
+              pytest.mark.e2e]
 
 
 def agents_under(root: Path) -> set[int]:

@@ -17,7 +17,9 @@ from storage.models import Plan
 from tests.cluster.helpers import cluster, storage
 from tests.conftest import DATABASES
 
-pytestmark = pytest.mark.skipif("postgresql" not in DATABASES, reason="scale-out runs on PostgreSQL only")
+# Real replica processes killed and restarted: run by `make e2e` (CI runs it after `make test`).
+pytestmark = [pytest.mark.skipif("postgresql" not in DATABASES, reason="scale-out runs on PostgreSQL only"),
+              pytest.mark.e2e]
 
 RUNS = 10
 REPLICAS = ("r1", "r2", "r3")
